@@ -1,0 +1,82 @@
+"""Hydra entry points behind the root scripts: compose, instantiate, fit."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.accelerators import AcceleratorRegistry
+from omegaconf import DictConfig, OmegaConf
+
+from shakespeare.errors import UsageError
+from shakespeare.module import ShakespeareModule
+
+log = logging.getLogger("shakespeare")
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+
+
+def check_accelerator(name: str) -> None:
+    """Refuse an accelerator this machine lacks before Lightning does it with a traceback."""
+    available = [a for a in ("cpu", "cuda", "mps") if AcceleratorRegistry.get(a).is_available()]
+    wanted = {"gpu": ["cuda", "mps"]}.get(name, [name])
+    if name not in ACCELERATORS:
+        raise UsageError(f"trainer.accelerator={name!r} is not an accelerator; choose one of {', '.join(ACCELERATORS)}.")
+    if name != "auto" and not set(wanted) & set(available):
+        raise UsageError(
+            f"trainer.accelerator={name} is not available on this machine; available here: "
+            f"{', '.join(available)}. Use trainer.accelerator={available[-1]} (or auto, which picks the best one)."
+        )
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Instantiate every callback in `cfg.callbacks`; early stopping only when `patience` is set."""
+    callbacks = []
+    for name, conf in (cfg.get("callbacks") or {}).items():
+        if name == "early_stopping" and conf.patience is None:
+            if conf.min_delta:
+                raise UsageError(
+                    f"callbacks.early_stopping.min_delta={conf.min_delta} is set but patience is null, so early "
+                    "stopping is off. Set callbacks.early_stopping.patience (epochs without improvement) too."
+                )
+            continue
+        callbacks.append(instantiate(conf))
+    return callbacks
+
+
+def fit(cfg: DictConfig) -> dict[str, float]:
+    """Train one run as `cfg` describes and return its final metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    check_accelerator(cfg.trainer.accelerator)
+    datamodule = instantiate(cfg.data)
+    module = ShakespeareModule(
+        vocabulary=datamodule.tokenizer.vocabulary,
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+    )
+    log.info("model=%s", module.model)
+    loggers = [instantiate(conf) for conf in (cfg.get("logger") or {}).values()]
+    trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    return {name: float(value) for name, value in trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def train(cfg: DictConfig) -> float | None:
+    """`python train.py`: returns the best validation loss, the value Hydra's sweepers minimise."""
+    try:
+        metrics = fit(cfg)
+    except UsageError as err:
+        log.error("%s", err)
+        if HydraConfig.get().mode == RunMode.RUN:
+            sys.exit(2)
+        raise
+    return metrics.get("val/loss")

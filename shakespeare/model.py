@@ -1,0 +1,174 @@
+"""The ablation ladder: bigram -> attention head -> multi-head -> feed-forward -> residual -> layer norm -> dropout.
+
+One `ShakespeareGenerator` whose `GeneratorConfig` switches the rungs on one by one; printing it shows
+the same module tree as the research log. Modules a rung does not use are not created at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from shakespeare.errors import UsageError
+
+ATTENTIONS = ("none", "head", "multihead")
+
+
+@dataclass
+class GeneratorConfig:
+    vocab_size: int
+    sequence_length: int
+    name: str = "bigram"
+    attention: str = "none"  # none: the bigram; head: one AttentionHead; multihead: MultiHeadAttention
+    embedding_size: int = 32
+    num_heads: int = 4
+    feed_forward: bool = False
+    residual: bool = False  # wrap attention + feed-forward in residual Blocks with projections
+    layer_norm: bool = False
+    num_blocks: int = 1
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise UsageError(f"model.attention={self.attention!r} is not one of {', '.join(ATTENTIONS)}.")
+        for key in ("vocab_size", "sequence_length", "embedding_size", "num_heads", "num_blocks"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise UsageError(f"model.{key}={value!r} must be a whole number of at least 1.")
+        if self.attention == "multihead" and self.embedding_size % self.num_heads:
+            raise UsageError(
+                f"model.num_heads={self.num_heads} does not divide model.embedding_size={self.embedding_size}: "
+                f"each head gets embedding_size / num_heads channels. Pick num_heads among "
+                f"{[h for h in range(1, self.embedding_size + 1) if self.embedding_size % h == 0]}."
+            )
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"model.dropout={self.dropout!r} must lie in [0, 1), e.g. 0.1 (0 switches it off).")
+        if self.residual and self.attention != "multihead":
+            raise UsageError(f"model.residual=true needs model.attention=multihead, got {self.attention!r}.")
+
+
+def maybe_dropout(p: float) -> nn.Dropout | None:
+    """Rungs without dropout have no Dropout module at all, so their printed tree matches the log."""
+    return nn.Dropout(p) if p > 0 else None
+
+
+class AttentionHead(nn.Module):
+    """One causal self-attention head."""
+
+    def __init__(self, embedding_size: int, head_size: int, sequence_length: int, dropout: float = 0.0):
+        super().__init__()
+        self.query = nn.Linear(embedding_size, head_size, bias=False)
+        self.key = nn.Linear(embedding_size, head_size, bias=False)
+        self.value = nn.Linear(embedding_size, head_size, bias=False)
+        self.dropout = maybe_dropout(dropout)
+        self.register_buffer("causal", torch.ones(sequence_length, sequence_length).tril().bool(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        q, k, v = self.query(x), self.key(x), self.value(x)  # (B, T, hs)
+        weights = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, T, T)
+        weights = weights.masked_fill(~self.causal[:T, :T], float("-inf")).softmax(dim=-1)
+        if self.dropout is not None:
+            weights = self.dropout(weights)
+        return weights @ v
+
+
+class MultiHeadAttention(nn.Module):
+    """Heads side by side, concatenated; the residual rungs add a projection back into the stream."""
+
+    def __init__(self, cfg: GeneratorConfig, projection: bool):
+        super().__init__()
+        C = cfg.embedding_size
+        self.heads = nn.ModuleList(
+            AttentionHead(C, C // cfg.num_heads, cfg.sequence_length, cfg.dropout) for _ in range(cfg.num_heads)
+        )
+        self.projection = nn.Linear(C, C) if projection else None
+        self.dropout = maybe_dropout(cfg.dropout) if projection else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([head(x) for head in self.heads], dim=-1)
+        if self.projection is not None:
+            x = self.projection(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return x
+
+
+class FeedForward(nn.Module):
+    """Per-position Linear + GELU; the residual rungs add a projection back into the stream."""
+
+    def __init__(self, cfg: GeneratorConfig, projection: bool):
+        super().__init__()
+        C = cfg.embedding_size
+        self.linear = nn.Linear(C, C)
+        self.gelu = nn.GELU()
+        self.projection = nn.Linear(C, C) if projection else None
+        self.dropout = maybe_dropout(cfg.dropout) if projection else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.gelu(self.linear(x))
+        if self.projection is not None:
+            x = self.projection(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return x
+
+
+class Block(nn.Module):
+    """Attention then feed-forward, each added back to the residual stream (pre-norm when layer_norm)."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        C = cfg.embedding_size
+        self.norm1 = nn.LayerNorm(C) if cfg.layer_norm else None
+        self.heads = MultiHeadAttention(cfg, projection=True)
+        self.norm2 = nn.LayerNorm(C) if cfg.layer_norm else None
+        self.feed_forward = FeedForward(cfg, projection=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.heads(x if self.norm1 is None else self.norm1(x))
+        x = x + self.feed_forward(x if self.norm2 is None else self.norm2(x))
+        return x
+
+
+class ShakespeareGenerator(nn.Module):
+    """Next-character model: token ids (B, T) -> logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        self.cfg = cfg
+        V, T, C = cfg.vocab_size, cfg.sequence_length, cfg.embedding_size
+        if cfg.attention == "none":  # the bigram: each character's row of logits is learned directly
+            self.embedding = nn.Embedding(V, V, padding_idx=0)
+            return
+        self.embedding = nn.Embedding(V, C)
+        self.positional_embedding = nn.Embedding(T, C)
+        if cfg.residual:
+            norm = [nn.LayerNorm(C)] if cfg.layer_norm else []
+            self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.num_blocks)], *norm)
+        elif cfg.attention == "head":
+            self.head = AttentionHead(C, C, T, cfg.dropout)
+        else:
+            self.heads = MultiHeadAttention(cfg, projection=False)
+        self.feed_forward = FeedForward(cfg, projection=False) if cfg.feed_forward and not cfg.residual else None
+        self.linear = nn.Linear(C, V)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.cfg.attention == "none":
+            return self.embedding(idx)
+        T = idx.shape[1]
+        x = self.embedding(idx) + self.positional_embedding(torch.arange(T, device=idx.device))  # (B, T, C)
+        if self.cfg.residual:
+            x = self.blocks(x)
+        else:
+            x = self.head(x) if self.cfg.attention == "head" else self.heads(x)
+            if self.feed_forward is not None:
+                x = self.feed_forward(x)
+        return self.linear(x)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self(idx)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())

@@ -1,0 +1,210 @@
+"""Every rung builds the research log's module tree and computes what the log's modules compute."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from shakespeare.errors import UsageError
+from shakespeare.model import GeneratorConfig, ShakespeareGenerator
+from tests.conftest import compose_train
+
+# The trees printed in the research log, verbatim (vocabulary of 66, sequence length 8).
+LOG_TREES = {
+    "bigram": """\
+ShakespeareGenerator(
+  (embedding): Embedding(66, 66, padding_idx=0)
+)""",
+    "head": """\
+ShakespeareGenerator(
+  (embedding): Embedding(66, 32)
+  (positional_embedding): Embedding(8, 32)
+  (head): AttentionHead(
+    (query): Linear(in_features=32, out_features=32, bias=False)
+    (key): Linear(in_features=32, out_features=32, bias=False)
+    (value): Linear(in_features=32, out_features=32, bias=False)
+  )
+  (linear): Linear(in_features=32, out_features=66, bias=True)
+)""",
+    "multihead": """\
+ShakespeareGenerator(
+  (embedding): Embedding(66, 32)
+  (positional_embedding): Embedding(8, 32)
+  (heads): MultiHeadAttention(
+    (heads): ModuleList(
+      (0-3): 4 x AttentionHead(
+        (query): Linear(in_features=32, out_features=8, bias=False)
+        (key): Linear(in_features=32, out_features=8, bias=False)
+        (value): Linear(in_features=32, out_features=8, bias=False)
+      )
+    )
+  )
+  (linear): Linear(in_features=32, out_features=66, bias=True)
+)""",
+    "multihead_ffn": """\
+ShakespeareGenerator(
+  (embedding): Embedding(66, 32)
+  (positional_embedding): Embedding(8, 32)
+  (heads): MultiHeadAttention(
+    (heads): ModuleList(
+      (0-3): 4 x AttentionHead(
+        (query): Linear(in_features=32, out_features=8, bias=False)
+        (key): Linear(in_features=32, out_features=8, bias=False)
+        (value): Linear(in_features=32, out_features=8, bias=False)
+      )
+    )
+  )
+  (feed_forward): FeedForward(
+    (linear): Linear(in_features=32, out_features=32, bias=True)
+    (gelu): GELU(approximate='none')
+  )
+  (linear): Linear(in_features=32, out_features=66, bias=True)
+)""",
+    "block": """\
+ShakespeareGenerator(
+  (embedding): Embedding(66, 32)
+  (positional_embedding): Embedding(8, 32)
+  (blocks): Sequential(
+    (0): Block(
+      (heads): MultiHeadAttention(
+        (heads): ModuleList(
+          (0-3): 4 x AttentionHead(
+            (query): Linear(in_features=32, out_features=8, bias=False)
+            (key): Linear(in_features=32, out_features=8, bias=False)
+            (value): Linear(in_features=32, out_features=8, bias=False)
+          )
+        )
+        (projection): Linear(in_features=32, out_features=32, bias=True)
+      )
+      (feed_forward): FeedForward(
+        (linear): Linear(in_features=32, out_features=32, bias=True)
+        (gelu): GELU(approximate='none')
+        (projection): Linear(in_features=32, out_features=32, bias=True)
+      )
+    )
+  )
+  (linear): Linear(in_features=32, out_features=66, bias=True)
+)""",
+    "block_norm": """\
+ShakespeareGenerator(
+  (embedding): Embedding(66, 32)
+  (positional_embedding): Embedding(8, 32)
+  (blocks): Sequential(
+    (0): Block(
+      (norm1): LayerNorm((32,), eps=1e-05, elementwise_affine=True)
+      (heads): MultiHeadAttention(
+        (heads): ModuleList(
+          (0-3): 4 x AttentionHead(
+            (query): Linear(in_features=32, out_features=8, bias=False)
+            (key): Linear(in_features=32, out_features=8, bias=False)
+            (value): Linear(in_features=32, out_features=8, bias=False)
+          )
+        )
+        (projection): Linear(in_features=32, out_features=32, bias=True)
+      )
+      (norm2): LayerNorm((32,), eps=1e-05, elementwise_affine=True)
+      (feed_forward): FeedForward(
+        (linear): Linear(in_features=32, out_features=32, bias=True)
+        (gelu): GELU(approximate='none')
+        (projection): Linear(in_features=32, out_features=32, bias=True)
+      )
+    )
+    (1): LayerNorm((32,), eps=1e-05, elementwise_affine=True)
+  )
+  (linear): Linear(in_features=32, out_features=66, bias=True)
+)""",
+    "block_norm_dropout": """\
+ShakespeareGenerator(
+  (embedding): Embedding(66, 32)
+  (positional_embedding): Embedding(8, 32)
+  (blocks): Sequential(
+    (0): Block(
+      (norm1): LayerNorm((32,), eps=1e-05, elementwise_affine=True)
+      (heads): MultiHeadAttention(
+        (heads): ModuleList(
+          (0-3): 4 x AttentionHead(
+            (query): Linear(in_features=32, out_features=8, bias=False)
+            (key): Linear(in_features=32, out_features=8, bias=False)
+            (value): Linear(in_features=32, out_features=8, bias=False)
+            (dropout): Dropout(p=0.1, inplace=False)
+          )
+        )
+        (projection): Linear(in_features=32, out_features=32, bias=True)
+        (dropout): Dropout(p=0.1, inplace=False)
+      )
+      (norm2): LayerNorm((32,), eps=1e-05, elementwise_affine=True)
+      (feed_forward): FeedForward(
+        (linear): Linear(in_features=32, out_features=32, bias=True)
+        (gelu): GELU(approximate='none')
+        (projection): Linear(in_features=32, out_features=32, bias=True)
+        (dropout): Dropout(p=0.1, inplace=False)
+      )
+    )
+    (1): LayerNorm((32,), eps=1e-05, elementwise_affine=True)
+  )
+  (linear): Linear(in_features=32, out_features=66, bias=True)
+)""",
+}
+
+
+def build(rung: str, tmp_path, *overrides: str) -> ShakespeareGenerator:
+    cfg = compose_train(tmp_path, [f"model={rung}", *overrides])
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    return ShakespeareGenerator(GeneratorConfig(vocab_size=66, **model))
+
+
+@pytest.mark.parametrize("rung", LOG_TREES)
+def test_rung_prints_the_logs_tree(rung, tmp_path):
+    printed = re.sub(r"(LayerNorm\(.*), bias=True\)", r"\1)", repr(build(rung, tmp_path)))  # PyTorch >= 2.1 adds bias=
+    assert printed == LOG_TREES[rung]
+
+
+@pytest.mark.parametrize("rung", LOG_TREES)
+def test_rung_is_causal(rung, tmp_path):
+    """Changing a later character never changes the logits at earlier positions."""
+    model = build(rung, tmp_path).eval()
+    idx = torch.randint(1, 66, (2, 8))
+    changed = idx.clone()
+    changed[:, 5:] = torch.randint(1, 66, (2, 3))
+    torch.testing.assert_close(model(idx)[:, :5], model(changed)[:, :5])
+
+
+def test_scale_up_tree_has_eight_heads_of_eight(tmp_path):
+    model = build("block_norm_dropout", tmp_path, "experiment=scale_up")
+    assert "(0-7): 8 x AttentionHead" in repr(model)
+    assert "Linear(in_features=64, out_features=8, bias=False)" in repr(model)
+    assert model.positional_embedding.num_embeddings == 64
+
+
+def test_num_blocks_stacks_blocks_before_the_final_norm(tmp_path):
+    model = build("block_norm", tmp_path, "model.num_blocks=3")
+    assert [type(m).__name__ for m in model.blocks] == ["Block", "Block", "Block", "LayerNorm"]
+
+
+def test_attention_head_matches_the_formula():
+    cfg = GeneratorConfig(vocab_size=10, sequence_length=4, attention="head", embedding_size=6)
+    head = ShakespeareGenerator(cfg).head
+    x = torch.randn(1, 4, 6)
+    q, k, v = head.query(x), head.key(x), head.value(x)
+    scores = (q @ k.transpose(1, 2)) / 6**0.5
+    scores = scores.masked_fill(torch.triu(torch.ones(4, 4), 1).bool(), float("-inf"))
+    torch.testing.assert_close(head(x), scores.softmax(-1) @ v)
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"num_heads": 3}, "model.num_heads=3"),
+        ({"embedding_size": 0}, "model.embedding_size=0"),
+        ({"dropout": 1.0}, "model.dropout=1.0"),
+        ({"attention": "cross"}, "model.attention='cross'"),
+        ({"residual": True, "attention": "head"}, "model.residual=true"),
+    ],
+)
+def test_bad_model_values_are_named(overrides, named):
+    base = dict(vocab_size=66, sequence_length=8, attention="multihead", embedding_size=32, num_heads=4)
+    with pytest.raises(UsageError, match=named.replace("(", r"\(")):
+        GeneratorConfig(**{**base, **overrides})

@@ -1,0 +1,89 @@
+"""The train command: every rung trains, the run folder fills, early stopping and the accelerator error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shakespeare.cli import check_accelerator, fit
+from shakespeare.errors import UsageError
+from tests.conftest import ROOT, write_corpus
+
+RUNGS = ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout"]
+
+
+@pytest.mark.parametrize("rung", RUNGS)
+def test_every_rung_trains_and_fills_its_run_folder(rung, tiny_cfg, capsys):
+    cfg = tiny_cfg(f"model={rung}")
+    metrics = fit(cfg)
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    run = Path(cfg.paths.output_dir)
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    assert list(run.glob("events.out.tfevents.*"))
+    out = capsys.readouterr().out
+    assert "0/1 -- " in out and "Train loss" in out and "Eval loss" in out and "<<" in out
+    assert "Training completed. Elapsed time: " in out
+
+
+def test_training_lowers_the_loss(tiny_cfg):
+    before = fit(tiny_cfg("model=head", "trainer.max_epochs=1", "trainer.limit_train_batches=1"))["val/loss"]
+    after = fit(tiny_cfg("model=head", "trainer.max_epochs=3", "trainer.limit_train_batches=40", "optimizer.lr=0.01"))
+    assert after["val/loss"] < before - 0.3
+
+
+def test_early_stopping_stops(tiny_cfg, capsys):
+    # a learning rate of zero never improves, so patience 1 stops after epoch 1
+    fit(tiny_cfg("trainer.max_epochs=10", "optimizer.lr=0.0", "callbacks.early_stopping.patience=1"))
+    out = capsys.readouterr().out
+    assert "1/10 -- " in out and "2/10 -- " not in out
+
+
+def test_min_delta_without_patience_is_refused(tiny_cfg):
+    with pytest.raises(UsageError, match="min_delta=0.01 is set but patience is null"):
+        fit(tiny_cfg("callbacks.early_stopping.min_delta=0.01"))
+
+
+def test_missing_accelerator_names_the_available_ones():
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has mps")
+    with pytest.raises(UsageError, match=r"trainer.accelerator=mps is not available on this machine; available here: cpu"):
+        check_accelerator("mps")
+    with pytest.raises(UsageError, match="choose one of"):
+        check_accelerator("tpuu")
+    for name in ("cpu", "auto"):
+        check_accelerator(name)
+
+
+def run_train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_accelerator_error_is_one_paragraph(tmp_path):
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has mps")
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    result = run_train([f"data.path={corpus}", "model=block_norm_dropout", "trainer.accelerator=mps"], tmp_path)
+    assert result.returncode == 2
+    assert "trainer.accelerator=mps is not available" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_sweep_makes_one_folder_and_tensorboard_run_per_job(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    args = ["-m", "model=multihead", "model.num_heads=4,8", f"data.path={corpus}", "data.batch_size=32",
+            "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2"]
+    result = run_train(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.parent for p in (tmp_path / "outputs" / "multiruns").glob("*/*/*/checkpoints"))
+    rest = "model=multihead,trainer.max_epochs=1"  # data.path and trainer.limit_* stay out of the names
+    assert [p.name for p in jobs] == [f"{i}_data.batch_size=32,model.num_heads={h},{rest}" for i, h in ((0, 4), (1, 8))]
+    for job in jobs:
+        assert list(job.glob("events.out.tfevents.*")) and (job / "checkpoints" / "last.ckpt").exists()
