@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, OmegaConf
 
+from shakespeare.cpu import keep_freed_memory, set_threads
 from shakespeare.errors import UsageError
 from shakespeare.module import ShakespeareModule
 
@@ -56,6 +57,9 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     """Train one run as `cfg` describes and return its final metrics."""
     L.seed_everything(cfg.seed, workers=True)
     check_accelerator(cfg.trainer.accelerator)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    set_threads(trainer_cfg.pop("threads", None))
+    keep_freed_memory()
     datamodule = instantiate(cfg.data)
     module = ShakespeareModule(
         vocabulary=datamodule.tokenizer.vocabulary,
@@ -64,7 +68,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     )
     log.info("model=%s", module.model)
     loggers = [instantiate(conf) for conf in (cfg.get("logger") or {}).values()]
-    trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers)
+    trainer = instantiate(trainer_cfg, callbacks=build_callbacks(cfg), logger=loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     return {name: float(value) for name, value in trainer.callback_metrics.items()}
 

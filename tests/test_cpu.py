@@ -1,0 +1,41 @@
+"""CPU settings: the thread count reaches torch, and freed big blocks are reused without page faults."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from shakespeare.cli import fit
+from shakespeare.cpu import keep_freed_memory, set_threads
+from shakespeare.errors import UsageError
+
+
+def test_trainer_threads_reaches_torch(tiny_cfg):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fit(tiny_cfg("trainer.threads=1", "trainer.limit_train_batches=1"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "two", True])
+def test_bad_thread_counts_are_named(value):
+    with pytest.raises(UsageError, match=r"trainer.threads="):
+        set_threads(value)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator only")
+def test_big_blocks_are_reused_without_page_faults():
+    import resource
+
+    assert keep_freed_memory()
+    for _ in range(5):  # the heap grows to hold the block once...
+        torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):  # ...then reuses it; fresh mappings would fault ~16k pages per block
+        torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 2000
