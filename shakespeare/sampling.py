@@ -1,0 +1,114 @@
+"""Autoregressive sampling: a trained model writes text, one character per step, never `<|pad|>`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from shakespeare.errors import UsageError
+from shakespeare.model import ShakespeareGenerator
+from shakespeare.tokenizer import CharTokenizer
+
+ON_UNKNOWN = ("error", "skip")
+
+
+def check_options(max_new_tokens: int, temperature: float, top_k: int | None, num_samples: int) -> None:
+    """Refuse sampling options that have no meaning, naming the value and a sensible one."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens={max_new_tokens!r} must be a whole number of at least 0, e.g. 500.")
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise UsageError(
+            f"temperature={temperature!r} must be greater than 0: 1.0 samples the model as trained, lower is "
+            "more conservative (e.g. 0.8), higher more adventurous."
+        )
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise UsageError(
+            f"top_k={top_k!r} must be a whole number of at least 1 (sample among the k likeliest characters), "
+            "or null to sample among all of them."
+        )
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise UsageError(f"num_samples={num_samples!r} must be a whole number of at least 1.")
+
+
+def encode_prompt(tokenizer: CharTokenizer, prompt: str, on_unknown: str = "error") -> torch.Tensor:
+    """The prompt's ids; characters the model never saw are an error, or dropped with on_unknown=skip."""
+    if on_unknown not in ON_UNKNOWN:
+        raise UsageError(f"on_unknown={on_unknown!r} is not one of {', '.join(ON_UNKNOWN)}.")
+    missing = tokenizer.unknown(prompt)
+    if missing and on_unknown == "error":
+        raise UsageError(
+            f"The prompt {prompt!r} contains {len(missing)} character(s) the model's vocabulary lacks: "
+            f"{' '.join(repr(ch) for ch in missing)}. Remove them from the prompt, or pass on_unknown=skip "
+            "to drop them."
+        )
+    return tokenizer.encode("".join(ch for ch in prompt if ch not in missing))
+
+
+def stream(
+    model: ShakespeareGenerator,
+    tokenizer: CharTokenizer,
+    prompt: str = "",
+    max_new_tokens: int = 500,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+    on_unknown: str = "error",
+) -> Iterator[list[str]]:
+    """Sample `num_samples` continuations of `prompt` side by side; yields each step's new characters,
+    one string per sample. An empty prompt starts from the pad id, the log's "predict from empty input".
+
+    The options are checked here, before the first step, so bad input fails at the call, not mid-stream.
+    """
+    check_options(max_new_tokens, temperature, top_k, num_samples)
+    ids = encode_prompt(tokenizer, prompt, on_unknown)
+    if len(ids) == 0:
+        ids = torch.tensor([tokenizer.pad_id])
+    device = next(model.parameters()).device
+    if generator is not None and generator.device != device:
+        raise ValueError(f"the generator is on {generator.device} but the model on {device}")
+    return _steps(model, tokenizer, ids.to(device), max_new_tokens, temperature, top_k, num_samples, generator)
+
+
+@torch.inference_mode()
+def _steps(
+    model: ShakespeareGenerator,
+    tokenizer: CharTokenizer,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    num_samples: int,
+    generator: torch.Generator | None,
+) -> Iterator[list[str]]:
+    T, V, P = model.cfg.sequence_length, len(tokenizer), len(prompt_ids)
+    top_k = None if top_k is None or top_k >= V - 1 else top_k  # the pad id is never a candidate
+    ids = torch.empty(num_samples, P + max_new_tokens, dtype=torch.long, device=prompt_ids.device)
+    ids[:, :P] = prompt_ids
+    vocabulary = tokenizer.vocabulary
+    was_training = model.training
+    model.eval()
+    try:
+        for n in range(P, P + max_new_tokens):
+            logits = model(ids[:, max(0, n - T) : n])[:, -1, :]  # (B, V): the last position's, context cropped to T
+            logits[:, tokenizer.pad_id] = float("-inf")
+            if temperature != 1.0:
+                logits /= temperature
+            if top_k is not None:
+                kth = torch.topk(logits, top_k).values[:, -1:]  # (B, 1)
+                logits[logits < kth] = float("-inf")
+            next_ids = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)  # (B, 1)
+            ids[:, n : n + 1] = next_ids
+            yield [vocabulary[i] for i in next_ids.view(-1).tolist()]
+    finally:
+        model.train(was_training)
+
+
+def sample(model: ShakespeareGenerator, tokenizer: CharTokenizer, prompt: str = "", **options) -> list[str]:
+    """The whole texts `stream` would produce (without the prompt), one per sample."""
+    texts: list[list[str]] = [[] for _ in range(options.get("num_samples", 1))]
+    for chars in stream(model, tokenizer, prompt, **options):
+        for text, ch in zip(texts, chars):
+            text.append(ch)
+    return ["".join(text) for text in texts]
