@@ -208,3 +208,33 @@ def test_bad_model_values_are_named(overrides, named):
     base = dict(vocab_size=66, sequence_length=8, attention="multihead", embedding_size=32, num_heads=4)
     with pytest.raises(UsageError, match=named.replace("(", r"\(")):
         GeneratorConfig(**{**base, **overrides})
+
+
+def fused_state(per_head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-head weights under the fused names: `heads.heads.2.key.weight` -> rows of `heads.qkv.weight`,
+    every head's query rows first, then the keys, then the values."""
+    fused, parts = {}, {}
+    for name, tensor in per_head.items():
+        match = re.fullmatch(r"(.+?)(?:\.heads\.(\d+))?\.(query|key|value)\.weight", name)
+        if match is None:
+            fused[name] = tensor
+        else:
+            parts.setdefault(match[1], {}).setdefault(match[3], []).append((int(match[2] or 0), tensor))
+    for module, qkv in parts.items():
+        rows = [tensor for part in ("query", "key", "value") for _, tensor in sorted(qkv[part], key=lambda p: p[0])]
+        fused[f"{module}.qkv.weight"] = torch.cat(rows)
+    return fused
+
+
+@pytest.mark.parametrize(
+    "rung, overrides",
+    [(rung, []) for rung in ["head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout"]]
+    + [("block_norm_dropout", ["experiment=scale_up", "model.num_blocks=2"])],
+)
+def test_fused_attention_computes_the_per_head_function(rung, overrides, tmp_path):
+    per_head = build(rung, tmp_path, *overrides).eval()
+    fused = build(rung, tmp_path, *overrides, "model.fused_attention=true").eval()
+    fused.load_state_dict(fused_state(per_head.state_dict()))  # strict: every weight has its place
+    idx = torch.randint(1, 66, (4, per_head.cfg.sequence_length))
+    torch.testing.assert_close(fused(idx), per_head(idx), atol=1e-5, rtol=1e-5)
+    assert "AttentionHead" not in repr(fused) and "FusedAttention" in repr(fused)
