@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
 import time
+import traceback
+from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_only
+
+BEST_VAL_LOSS = "hp/best_val_loss"  # the metric TensorBoard's HParams tab sets the hyperparameters against
+TOKENS_PER_SECOND = "throughput/tokens_per_sec"
+STATUSES = ("running", "finished", "interrupted", "failed")
 
 
 def console(trainer: L.Trainer, line: str) -> None:
@@ -18,13 +26,34 @@ def console(trainer: L.Trainer, line: str) -> None:
         print(line, flush=True)
 
 
+def epoch_line(epoch: int, max_epochs: int, seconds: float, train: float | None, val: float | None, best: bool) -> str:
+    """The log's line for one epoch: `9/10 -- 6.50s  Train loss 2.4529  Eval loss 2.4542 <<` (tab-separated)."""
+    line = f"{epoch}/{max_epochs} -- {seconds:.2f}s"
+    if train is not None:
+        line += f" \tTrain loss \t{train:.4f}"
+    if val is not None:
+        line += f" \tEval loss \t{val:.4f} \t" + ("<<" if best else "")
+    return line
+
+
+def completed_line(elapsed: float) -> str:
+    return f"Training completed. Elapsed time: {elapsed:.2f}s"
+
+
 class EpochLine(L.Callback):
     """Prints the log's line per epoch, `9/10 -- 6.50s  Train loss 2.4529  Eval loss 2.4542 <<`
-    (`<<` marks a new best eval loss), and `Training completed. Elapsed time: ...` at the end."""
+    (`<<` marks a new best eval loss), and `Training completed. Elapsed time: ...` at the end.
+
+    It also measures the epoch's training throughput (`tokens_per_second`, validation time left out).
+    """
 
     def __init__(self) -> None:
         self.best = math.inf
         self.elapsed = 0.0  # over all sessions of a resumed run
+        self.tokens_per_second: float | None = None
+
+    def emit(self, trainer: L.Trainer, line: str) -> None:
+        console(trainer, line)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._session_start = time.perf_counter()
@@ -32,28 +61,179 @@ class EpochLine(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
+        self._val_seconds, self._tokens = 0.0, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        self._tokens += batch[0].numel()  # an attribute read: no device sync
+
+    def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._val_seconds += time.perf_counter() - self._val_start
 
     @rank_zero_only
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.elapsed = self._elapsed_before + time.perf_counter() - self._session_start
+        now = time.perf_counter()
+        self.elapsed = self._elapsed_before + now - self._session_start
+        seconds = now - self._epoch_start
+        self.tokens_per_second = self._tokens * trainer.world_size / max(seconds - self._val_seconds, 1e-9)
         metrics = trainer.callback_metrics
         train, val = metrics.get("train/loss_epoch"), metrics.get("val/loss")
-        line = f"{trainer.current_epoch}/{trainer.max_epochs} -- {time.perf_counter() - self._epoch_start:.2f}s"
-        if train is not None:
-            line += f" \tTrain loss \t{train:.4f}"
-        if val is not None:
-            line += f" \tEval loss \t{val:.4f} \t"
-            if val < self.best:
-                self.best = float(val)
-                line += "<<"
-        console(trainer, line)
+        improved = val is not None and float(val) < self.best
+        if improved:
+            self.best = float(val)
+        self.emit(trainer, epoch_line(trainer.current_epoch, trainer.max_epochs, seconds, train, val, improved))
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        console(trainer, f"Training completed. Elapsed time: {self.elapsed:.2f}s")
+        self.emit(trainer, completed_line(self.elapsed))
 
     def state_dict(self) -> dict:
         return {"best": self.best, "elapsed": self.elapsed}
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.elapsed = state["best"], state["elapsed"]
+
+
+class ResearchLog(EpochLine):
+    """Keeps `research_log.md` in the run folder, in the research log's shape: the config, the model and
+    optimizer, one line per epoch, the elapsed time, parameters, tokens/second and a generated sample.
+
+    The file is rewritten atomically after every step of the run, so a crashed run keeps a partial entry;
+    its status line says running, finished, interrupted or failed (`mark()` sets it). The epoch's
+    tokens/second also goes to the loggers, as `throughput/tokens_per_sec`. Writes on rank zero only.
+    """
+
+    def __init__(self, path: str | Path, command: list[str] | None = None, sample_length: int = 300) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.command = "python train.py " + " ".join(command or [])
+        self.sample_length = sample_length
+        self.status, self.note = "running", ""
+        self.title = self.config = self.learner = self.sample = ""
+        self.parameters = 0
+        self.lines: list[str] = []  # epoch lines, kept across resumed sessions
+        self.throughputs: list[float] = []
+
+    def emit(self, trainer: L.Trainer, line: str) -> None:
+        self.lines.append(line)
+        self.write()
+
+    def mark(self, status: str, note: str = "") -> None:
+        """Set the entry's status (one of `STATUSES`) with an optional note, and rewrite the file."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        self.status, self.note = status, note
+        self.write()
+
+    @rank_zero_only
+    def write(self) -> None:
+        if not self.title:  # nothing known yet (e.g. marked before the fit started)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".part")
+        partial.write_text(self.render(), encoding="utf-8")
+        os.replace(partial, self.path)  # readers never see a half-written entry
+
+    def render(self) -> str:
+        status = f"{self.status} ({self.note})" if self.note else self.status
+        fence = "```"
+        text = f"## {self.title}\n\nStatus: {status}\n\nConfig:\n{fence}\n{self.config}\n{self.command}\n"
+        text += f"{self.learner}\n{fence}\n\nParameters: {self.parameters:,}\n"
+        if self.throughputs:
+            mean = sum(self.throughputs) / len(self.throughputs)
+            text += f"Throughput: {mean:,.0f} tokens/s (training, mean over {len(self.throughputs)} epochs)\n"
+        text += f"\nResult:\n{fence}\n" + "".join(line + "\n" for line in self.lines) + f"{fence}\n"
+        if self.sample:
+            text += f"\nGeneration:\n{fence}\n---------- Predict from empty input:\n{self.sample}\n{fence}\n"
+        return text
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        model = module.hparams.get("model", {})
+        data = trainer.datamodule.hparams if trainer.datamodule is not None else {}
+        stopping = trainer.early_stopping_callback
+        patience = stopping.patience if stopping else None
+        min_delta = abs(stopping.min_delta) if stopping else None
+        settings = {
+            "batch_size": data.get("batch_size"),
+            "sequence_length": data.get("sequence_length"),
+            "embedding_size": model.get("embedding_size"),
+            "num_heads": model.get("num_heads"),
+            "num_blocks": model.get("num_blocks"),
+            "dropout": model.get("dropout"),
+            "epochs": trainer.max_epochs,
+            "learning_rate": module.hparams.get("optimizer", {}).get("lr"),
+            "patience": patience,
+            "min_delta": min_delta,
+            "split": data.get("split"),
+        }
+        self.title = f"{model.get('name', type(module.model).__name__)}, {time.strftime('%Y-%m-%d %H:%M')}"
+        self.config = "Config(" + ", ".join(f"{key}={value}" for key, value in settings.items()) + ")"
+        optimizers = "\n".join(repr(optimizer) for optimizer in trainer.optimizers)
+        self.learner = f"{type(module).__name__}(\nmodel={module.model}\noptimizer={optimizers}\ncriterion=CrossEntropyLoss())"
+        self.parameters = sum(p.numel() for p in module.parameters())
+        self.mark("running")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, module)
+        if self.tokens_per_second is not None and trainer.is_global_zero:
+            self.throughputs.append(self.tokens_per_second)
+            for logger in trainer.loggers:
+                logger.log_metrics({TOKENS_PER_SECOND: self.tokens_per_second}, step=trainer.global_step)
+            self.write()
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.sample = generate_sample(module, self.sample_length) or ""
+        super().on_train_end(trainer, module)  # appends "Training completed ..."
+        if self.status == "running":  # an interruption already marked stays marked
+            self.mark("finished")
+
+    @rank_zero_only
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.mark("interrupted", "KeyboardInterrupt")
+        elif self.status == "running":
+            self.mark("failed", "".join(traceback.format_exception_only(exception)).strip())
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "lines": list(self.lines), "throughputs": list(self.throughputs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.lines, self.throughputs = list(state.get("lines", [])), list(state.get("throughputs", []))
+
+
+def generate_sample(module: L.LightningModule, length: int) -> str | None:
+    """A sample from the empty prompt, as the log printed; None until `shakespeare.sampling` exists."""
+    try:
+        from shakespeare import sampling
+    except ImportError:
+        return None
+    return sampling.sample_from_module(module, length)  # pragma: no cover - adapted once sampling lands
+
+
+class HParamsMetric(L.Callback):
+    """Keeps `hp/best_val_loss`, the metric of TensorBoard's HParams tab, at the best validation loss so far."""
+
+    def __init__(self, monitor: str = "val/loss") -> None:
+        self.monitor = monitor
+        self.best = math.inf
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None or not float(value) < self.best:
+            return
+        self.best = float(value)
+        for logger in trainer.loggers:
+            logger.log_metrics({BEST_VAL_LOSS: self.best}, step=trainer.global_step)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state["best"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, OmegaConf
 
+from shakespeare.callbacks import BEST_VAL_LOSS
 from shakespeare.cpu import keep_freed_memory, set_threads
 from shakespeare.errors import UsageError
 from shakespeare.module import ShakespeareModule
@@ -36,6 +38,35 @@ def check_accelerator(name: str) -> None:
             f"trainer.accelerator={name} is not available on this machine; available here: "
             f"{', '.join(available)}. Use trainer.accelerator={available[-1]} (or auto, which picks the best one)."
         )
+
+
+NOT_HYPERPARAMETERS = ("hydra", "paths", "logger", "ckpt_path", "callbacks", "data.url", "data.sha256", "data.cache_dir",
+                       "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary")
+
+
+def hyperparameters(cfg: DictConfig) -> dict:
+    """The run's resolved config as flat `group.key: value` pairs for TensorBoard's HParams tab: no `_target_`,
+    no paths or logging plumbing; of the callbacks only early stopping's settings."""
+    flat: dict = {}
+
+    def walk(node, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if key == "_target_" or name in NOT_HYPERPARAMETERS:
+                continue
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            else:
+                flat[name] = value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
+
+    for key in cfg:
+        if key not in NOT_HYPERPARAMETERS:
+            value = cfg[key]
+            walk({key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value}, "")
+    stopping = (cfg.get("callbacks") or {}).get("early_stopping")
+    if stopping is not None:
+        flat.update({f"callbacks.early_stopping.{key}": stopping.get(key) for key in ("patience", "min_delta")})
+    return flat
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -68,6 +99,8 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     )
     log.info("model=%s", module.model)
     loggers = [instantiate(conf) for conf in (cfg.get("logger") or {}).values()]
+    for logger in loggers:  # the HParams tab: these hyperparameters against the best validation loss so far
+        logger.log_hyperparams(hyperparameters(cfg), metrics={BEST_VAL_LOSS: math.nan})
     trainer = instantiate(trainer_cfg, callbacks=build_callbacks(cfg), logger=loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     return {name: float(value) for name, value in trainer.callback_metrics.items()}

@@ -157,7 +157,7 @@ class ShakespeareDataModule(L.LightningDataModule):
                 raise UsageError(f"data.{key}={value!r} must be a whole number of at least 1.")
         if not 0 < val_fraction < 1:
             raise UsageError(f"data.val_fraction={val_fraction!r} must lie strictly between 0 and 1, e.g. 0.1.")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the run logs its curated hyperparameters itself
         self.tokens: torch.Tensor | None = None
         self._tokenizer: CharTokenizer | None = None
 

@@ -19,7 +19,7 @@ class ShakespeareModule(L.LightningModule):
 
     def __init__(self, vocabulary: list[str], model: dict, optimizer: dict):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the run logs its curated hyperparameters itself
         self.tokenizer = CharTokenizer(vocabulary)
         self.model = ShakespeareGenerator(GeneratorConfig(vocab_size=len(vocabulary), **model))
 
