@@ -1,0 +1,276 @@
+"""`python -m shakespeare.report FOLDER`: one markdown table and a validation-curve plot over every run in a folder.
+
+Runs are read from what every run folder has, its TensorBoard events and `.hydra/` record, so the report
+works on sweeps, on single runs and on runs that crashed part way (listed as such).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from shakespeare.callbacks import TOKENS_PER_SECOND
+from shakespeare.errors import UsageError
+
+LADDER = ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout", "scale_up"]
+# Eval loss in the research log (its random_windows split; scale_up: the best of the 3 epochs it saw).
+PUBLISHED = {
+    "bigram": 2.4613,
+    "head": 2.3073,
+    "multihead": 2.0769,
+    "multihead_ffn": 2.0320,
+    "block": 2.0098,
+    "block_norm": 1.9675,
+    "block_norm_dropout": 2.0079,
+    "scale_up": 1.7627,
+}
+EVENTS = "events.out.tfevents.*"
+
+
+@dataclass
+class Run:
+    """One run folder: its config, its scalars per TensorBoard tag, and what the table says about it."""
+
+    path: Path
+    name: str  # the folder, relative to the folder the report is over
+    config: dict = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    scalars: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)  # tag -> (step, wall time, value)
+    started: float | None = None  # wall time of the first event
+    parameters: int | None = None
+    logged_status: str | None = None  # from research_log.md, when the run wrote one
+    problem: str | None = None
+
+    @property
+    def rung(self) -> str:
+        return str(self.config.get("model", {}).get("name", "?"))
+
+    @property
+    def label(self) -> str:
+        return " ".join([self.rung, *self.overrides])
+
+    def curve(self, tag: str) -> list[float]:
+        """The values of `tag` in logging order: one per epoch for epoch-level tags like `val/loss`."""
+        return [value for _, _, value in self.scalars.get(tag, [])]
+
+    @property
+    def epochs(self) -> int:
+        return len(self.scalars.get("val/loss", []))
+
+    @property
+    def max_epochs(self) -> int | None:
+        return self.config.get("trainer", {}).get("max_epochs")
+
+    @property
+    def best_val_loss(self) -> float | None:
+        values = self.curve("val/loss")
+        return min(values) if values else None
+
+    @property
+    def seconds_per_epoch(self) -> float | None:
+        val = self.scalars.get("val/loss")
+        if not val or self.started is None:
+            return None
+        return (val[-1][1] - self.started) / len(val)
+
+    @property
+    def tokens_per_second(self) -> tuple[float | None, bool]:
+        """(tokens/s, measured): measured by the run, or estimated as steps x batch x sequence / wall time."""
+        measured = self.curve(TOKENS_PER_SECOND)
+        if measured:
+            return sum(measured) / len(measured), True
+        val, data = self.scalars.get("val/loss"), self.config.get("data", {})
+        if not val or self.started is None or not isinstance(data.get("batch_size"), int):
+            return None, False
+        steps, seconds = val[-1][0], val[-1][1] - self.started
+        return steps * data["batch_size"] * data.get("sequence_length", 1) / max(seconds, 1e-9), False
+
+    @property
+    def status(self) -> str:
+        if self.problem:
+            return f"failed ({self.problem})"
+        if self.logged_status and self.logged_status != "running":
+            return self.logged_status
+        if self.epochs == 0:
+            return "failed (no epoch finished)"
+        if self.max_epochs and self.epochs < self.max_epochs:
+            crashed = "killed or still running" if self.logged_status == "running" else "stopped early or partial"
+            return f"{crashed} ({self.epochs}/{self.max_epochs} epochs)"
+        return "finished"
+
+
+def find_run_folders(root: Path) -> list[Path]:
+    """Every folder under `root` (itself included) with TensorBoard events or a `.hydra/config.yaml` in it."""
+    folders = {p.parent for p in root.rglob(EVENTS)} | {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
+    return sorted(folders)
+
+
+def load_scalars(path: Path) -> tuple[dict[str, list[tuple[int, float, float]]], float | None]:
+    """All scalars of the event files directly in `path`, and the wall time the first file was opened."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not any(path.glob(EVENTS)):
+        return {}, None
+    events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, e.wall_time, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return scalars, events.FirstEventTimestamp()
+
+
+def count_parameters(path: Path) -> int | None:
+    """Parameters in the run's last (or best) checkpoint; the research log's count if there is none."""
+    import torch
+
+    for name in ("last.ckpt", "best.ckpt"):
+        checkpoint = path / "checkpoints" / name
+        if checkpoint.is_file():
+            try:
+                state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+                return sum(tensor.numel() for tensor in state.values())
+            except Exception:  # a checkpoint cut short by a crash: try the next source
+                continue
+    log = path / "research_log.md"
+    match = re.search(r"^Parameters: ([\d,]+)", log.read_text(encoding="utf-8"), re.M) if log.is_file() else None
+    return int(match.group(1).replace(",", "")) if match else None
+
+
+def load_run(path: Path, root: Path) -> Run:
+    """Read one run folder; whatever is missing or unreadable becomes the run's `problem`, never an exception."""
+    run = Run(path=path, name=str(path.relative_to(root)) if path != root else path.name)
+    hydra_dir = path / ".hydra"
+    try:
+        if (hydra_dir / "config.yaml").is_file():
+            run.config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
+        if (hydra_dir / "overrides.yaml").is_file():
+            run.overrides = shown_overrides(hydra_dir, run.rung)
+    except Exception as err:
+        run.problem = f"unreadable .hydra/: {type(err).__name__}"
+    try:
+        run.scalars, run.started = load_scalars(path)
+    except Exception as err:
+        run.problem = f"unreadable events: {type(err).__name__}"
+    log = path / "research_log.md"
+    if log.is_file():
+        match = re.search(r"^Status: (.+)$", log.read_text(encoding="utf-8"), re.M)
+        run.logged_status = match.group(1).strip() if match else None
+    run.parameters = count_parameters(path)
+    return run
+
+
+def shown_overrides(hydra_dir: Path, rung: str) -> list[str]:
+    """The command-line overrides that change results: not those the run's Hydra config keeps out of job names."""
+    overrides = [str(o) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
+    excluded: list[str] = []
+    if (hydra_dir / "hydra.yaml").is_file():
+        hydra = OmegaConf.load(hydra_dir / "hydra.yaml")
+        excluded = list(OmegaConf.select(hydra, "hydra.job.config.override_dirname.exclude_keys", default=[]) or [])
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded and o != f"model={rung}"]
+
+
+def load_runs(folder: str | Path) -> list[Run]:
+    """Every run under `folder`, in ladder order (then by name). Raises UsageError if there are none."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"{str(root)!r} is not a folder. Pass a folder of runs, e.g. outputs/ or outputs/multiruns/<date>/<time>.")
+    folders = find_run_folders(root)
+    if not folders:
+        raise UsageError(
+            f"No runs under {str(root)!r}: a run folder holds TensorBoard event files ({EVENTS}) or a "
+            ".hydra/config.yaml. Train some first, e.g. `python train.py -m experiment=ladder`, and pass "
+            "the folder it wrote (outputs/, or outputs/multiruns/<date>/<time> for one sweep)."
+        )
+    runs = [load_run(path, root) for path in folders]
+    order = {rung: i for i, rung in enumerate(LADDER)}
+    return sorted(runs, key=lambda run: (order.get(run.rung, len(LADDER)), run.name))
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def markdown_table(runs: list[Run]) -> str:
+    """One row per run: rung, overrides, parameters, epochs, losses, seconds/epoch, tokens/s, status, folder."""
+    rows = [
+        "| rung | overrides | parameters | epochs | best eval loss | log's eval loss | s/epoch | tokens/s | status | run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    estimated = False
+    for run in runs:
+        tokens, measured = run.tokens_per_second
+        estimated |= tokens is not None and not measured
+        cells = [
+            run.rung,
+            " ".join(f"`{o}`" for o in run.overrides) or "-",
+            "-" if run.parameters is None else f"{run.parameters:,}",
+            f"{run.epochs}/{run.max_epochs or '?'}",
+            _number(run.best_val_loss),
+            _number(PUBLISHED.get(run.rung)),
+            _number(run.seconds_per_epoch, 2),
+            "-" if tokens is None else ("" if measured else "≈") + f"{tokens:,.0f}",
+            run.status,
+            run.name,
+        ]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    notes = ["", "log's eval loss: the research log's, measured on its random_windows split (see README)."]
+    if estimated:
+        notes.append("≈: estimated as steps × batch × sequence length over wall time (validation included).")
+    return "\n".join(rows + notes) + "\n"
+
+
+def plot_validation_curves(runs: list[Run], path: Path) -> Path:
+    """A PNG of validation loss per epoch, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for run in runs:
+        values = run.curve("val/loss")
+        if values:
+            ax.plot(range(len(values)), values, marker="o", markersize=3, label=run.label)
+    ax.set(xlabel="epoch", ylabel="eval loss", title="Validation loss per epoch")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(folder: str | Path, out: str | Path | None = None) -> tuple[str, Path, Path]:
+    """Write report.md and val_curves.png into `out` (default: `folder`); returns (table, report, plot)."""
+    runs = load_runs(folder)
+    out = Path(out or folder).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(runs)
+    plot = plot_validation_curves(runs, out / "val_curves.png")
+    report = out / "report.md"
+    report.write_text(f"# Runs in {Path(folder).name}\n\n{table}\n![validation loss per epoch]({plot.name})\n", encoding="utf-8")
+    return table, report, plot
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shakespeare.report", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="a folder of runs: outputs/, a sweep's folder, or one run's folder")
+    parser.add_argument("--out", help="where to write report.md and val_curves.png (default: the folder)")
+    args = parser.parse_args(argv)
+    try:
+        table, report, plot = write_report(args.folder, args.out)
+    except UsageError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"Wrote {report} and {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
