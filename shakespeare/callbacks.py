@@ -208,12 +208,13 @@ class ResearchLog(EpochLine):
 
 
 def generate_sample(module: L.LightningModule, length: int) -> str | None:
-    """A sample from the empty prompt, as the log printed; None until `shakespeare.sampling` exists."""
+    """A seeded sample from the empty prompt, as the log printed after training (None without sampling)."""
     try:
-        from shakespeare import sampling
+        from shakespeare.sampling import sample
     except ImportError:
         return None
-    return sampling.sample_from_module(module, length)  # pragma: no cover - adapted once sampling lands
+    generator = torch.Generator(next(module.parameters()).device).manual_seed(0)
+    return sample(module.model, module.tokenizer, "", max_new_tokens=length, generator=generator)[0]
 
 
 class HParamsMetric(L.Callback):

@@ -51,10 +51,6 @@ class Run:
     def rung(self) -> str:
         return str(self.config.get("model", {}).get("name", "?"))
 
-    @property
-    def label(self) -> str:
-        return " ".join([self.rung, *self.overrides])
-
     def curve(self, tag: str) -> list[float]:
         """The values of `tag` in logging order: one per epoch for epoch-level tags like `val/loss`."""
         return [value for _, _, value in self.scalars.get(tag, [])]
@@ -223,6 +219,12 @@ def markdown_table(runs: list[Run]) -> str:
     return "\n".join(rows + notes) + "\n"
 
 
+def labels(runs: list[Run]) -> list[str]:
+    """Short names for plot legends: the rung and the overrides that differ between the runs."""
+    common = set.intersection(*(set(run.overrides) for run in runs)) if runs else set()
+    return [" ".join([run.rung, *(o for o in run.overrides if o not in common)]) for run in runs]
+
+
 def plot_validation_curves(runs: list[Run], path: Path) -> Path:
     """A PNG of validation loss per epoch, one line per run."""
     import matplotlib
@@ -230,12 +232,15 @@ def plot_validation_curves(runs: list[Run], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for run in runs:
+    for run, label in zip(runs, labels(runs)):
         values = run.curve("val/loss")
         if values:
-            ax.plot(range(len(values)), values, marker="o", markersize=3, label=run.label)
+            ax.plot(range(len(values)), values, marker="o", markersize=3, label=label)
     ax.set(xlabel="epoch", ylabel="eval loss", title="Validation loss per epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize="small")
