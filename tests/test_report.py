@@ -1,0 +1,117 @@
+"""The report over a folder of runs (a sweep with a crashed run in it, an empty folder), the ladder, the notebook."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from shakespeare.cli import CONFIG_DIR, fit
+from shakespeare.report import load_runs, main
+from tests.conftest import ROOT, compose_train, write_corpus
+from tests.test_train import RUNGS
+
+TINY = ["data.batch_size=32", "trainer.limit_train_batches=5", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false"]
+
+
+def train_like_hydra(run: Path, overrides: list[str]) -> None:
+    """Train in-process and leave the `.hydra/` record a `python train.py` run leaves; exceptions propagate."""
+    cfg = compose_train(run, overrides)
+    record = run / ".hydra"
+    record.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), record / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(cfg.hydra)}), record / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), record / "overrides.yaml")
+    fit(cfg)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """A sweep of two finished runs (one without research_log.md) and one that crashed in epoch 1 of 3,
+    plus a run that died before its first epoch and one whose event file is garbage."""
+    root = tmp_path_factory.mktemp("outputs")
+    corpus = write_corpus(root.parent / "corpus.txt")
+    sweep = root / "multiruns" / "2026-01-01" / "12-00-00"
+    for i, rung in enumerate(["bigram", "head"]):
+        train_like_hydra(sweep / f"{i}_model={rung}", [f"model={rung}", f"data.path={corpus}", "trainer.max_epochs=2", *TINY])
+    (sweep / "1_model=head" / "research_log.md").unlink()  # the report must not need it
+    crash = [f"+callbacks.fail._target_=tests.test_research_log.FailAtEpoch", "+callbacks.fail.epoch=1"]
+    with pytest.raises(RuntimeError):
+        train_like_hydra(sweep / "2_model=multihead", ["model=multihead", f"data.path={corpus}", "trainer.max_epochs=3", *TINY, *crash])
+    (root / "died" / ".hydra").mkdir(parents=True)
+    shutil.copy(sweep / "0_model=bigram" / ".hydra" / "config.yaml", root / "died" / ".hydra" / "config.yaml")
+    (root / "garbled").mkdir()
+    (root / "garbled" / "events.out.tfevents.123.host.1.0").write_bytes(b"\x00\xff not an event file" * 10)
+    GlobalHydra.instance().clear()
+    return root
+
+
+def test_report_lists_every_run_with_its_figures_and_status(runs, tmp_path, capsys):
+    assert main([str(runs), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    table = (tmp_path / "report.md").read_text()
+    assert printed.split("\n\nWrote")[0].strip() in table
+    rows = {row.split(" | ")[-1].rstrip(" |"): row for row in table.splitlines() if row.startswith("| ") and "---" not in row}
+    bigram, head = rows["multiruns/2026-01-01/12-00-00/0_model=bigram"], rows["multiruns/2026-01-01/12-00-00/1_model=head"]
+    crashed = rows["multiruns/2026-01-01/12-00-00/2_model=multihead"]
+    # rung | overrides | parameters | epochs | best eval loss | log's eval loss | s/epoch | tokens/s | status | run
+    cells = bigram.strip("| ").split(" | ")
+    assert cells[:4] == ["bigram", "`trainer.max_epochs=2` `data.batch_size=32`", "2,025", "2/2"]  # 45 x 45 logits
+    assert re.fullmatch(r"\d\.\d{4}", cells[4]) and cells[5] == "2.4613" and cells[8] == "finished"
+    assert re.fullmatch(r"\d+\.\d\d", cells[6]) and re.fullmatch(r"[\d,]+", cells[7])  # measured tokens/s
+    cells = head.strip("| ").split(" | ")
+    assert cells[0] == "head" and cells[5] == "2.3073" and cells[8] == "finished"  # from events alone
+    cells = crashed.strip("| ").split(" | ")
+    assert cells[3] == "1/3" and cells[8] == "failed (RuntimeError: disk on fire)"
+    assert rows["died"].strip("| ").split(" | ")[8] == "failed (no epoch finished)"
+    assert "garbled" in rows
+    assert (tmp_path / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert [run.rung for run in load_runs(runs)][:3] == ["bigram", "bigram", "head"]  # ladder order
+
+
+def test_a_run_without_its_log_that_stopped_short_is_partial(runs, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(runs / "multiruns" / "2026-01-01" / "12-00-00" / "2_model=multihead", copy)
+    (copy / "research_log.md").unlink()
+    [run] = load_runs(copy)
+    assert run.status == "stopped early or partial (1/3 epochs)" and run.epochs == 1
+
+
+def test_report_on_a_folder_without_runs_says_so(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "No runs under" in err and "python train.py -m experiment=ladder" in err and "Traceback" not in err
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_ladder_experiment_sweeps_every_rung_at_the_logs_settings():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=ladder"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params.model.split(",") == RUNGS
+    assert (cfg.data.batch_size, cfg.data.sequence_length, cfg.trainer.max_epochs, cfg.optimizer.lr) == (1024, 8, 10, 0.001)
+    assert cfg.optimizer._target_ == "torch.optim.Adam"
+
+
+@pytest.mark.slow
+def test_ablation_notebook_runs_on_a_folder_of_runs(runs, monkeypatch):
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("SHAKESPEARE_RUNS", str(runs))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    notebook = nbformat.read(ROOT / "notebooks" / "ablation.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    table = next(o.data["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
+    assert "| bigram |" in table and "| head |" in table
+    assert any("image/png" in o.get("data", {}) for o in outputs)
