@@ -80,6 +80,8 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
                     "stopping is off. Set callbacks.early_stopping.patience (epochs without improvement) too."
                 )
             continue
+        if name == "progress_bar" and not cfg.trainer.enable_progress_bar:
+            continue
         callbacks.append(instantiate(conf))
     return callbacks
 
