@@ -144,7 +144,8 @@ class ResearchLog(EpochLine):
         text += f"{self.learner}\n{fence}\n\nParameters: {self.parameters:,}\n"
         if self.throughputs:
             mean = sum(self.throughputs) / len(self.throughputs)
-            text += f"Throughput: {mean:,.0f} tokens/s (training, mean over {len(self.throughputs)} epochs)\n"
+            epochs = f"{len(self.throughputs)} epoch" + ("s" if len(self.throughputs) > 1 else "")
+            text += f"Throughput: {mean:,.0f} tokens/s (training, mean over {epochs})\n"
         text += f"\nResult:\n{fence}\n" + "".join(line + "\n" for line in self.lines) + f"{fence}\n"
         if self.sample:
             text += f"\nGeneration:\n{fence}\n---------- Predict from empty input:\n{self.sample}\n{fence}\n"
