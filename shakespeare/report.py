@@ -128,7 +128,7 @@ def count_parameters(path: Path) -> int | None:
         if checkpoint.is_file():
             try:
                 state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-                return sum(tensor.numel() for tensor in state.values())
+                return sum(tensor.numel() for name, tensor in state.items() if name.startswith("model."))
             except Exception:  # a checkpoint cut short by a crash: try the next source
                 continue
     log = path / "research_log.md"
