@@ -98,6 +98,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         vocabulary=datamodule.tokenizer.vocabulary,
         model=OmegaConf.to_container(cfg.model, resolve=True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
     )
     log.info("model=%s", module.model)
     loggers = [instantiate(conf) for conf in (cfg.get("logger") or {}).values()]

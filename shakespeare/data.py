@@ -145,6 +145,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         sequence_length: int = 8,
         batch_size: int = 1024,
         stride: int = 1,
+        val_stride: int | None = None,
         split: str = "contiguous",
         val_fraction: float = 0.1,
         seed: int = 0,
@@ -152,9 +153,15 @@ class ShakespeareDataModule(L.LightningDataModule):
         super().__init__()
         if split not in SPLITS:
             raise UsageError(f"data.split={split!r} is not a split; choose one of {', '.join(SPLITS)}.")
-        for key, value in (("sequence_length", sequence_length), ("batch_size", batch_size), ("stride", stride)):
+        for key, value in (("sequence_length", sequence_length), ("batch_size", batch_size), ("stride", stride),
+                           ("val_stride", stride if val_stride is None else val_stride)):
             if not isinstance(value, int) or value < 1:
                 raise UsageError(f"data.{key}={value!r} must be a whole number of at least 1.")
+        if val_stride is not None and split != "contiguous":
+            raise UsageError(
+                f"data.val_stride={val_stride} needs data.split=contiguous: the {split} split draws its validation "
+                "windows from the training windows' grid. Drop data.val_stride or use data.split=contiguous."
+            )
         if not 0 < val_fraction < 1:
             raise UsageError(f"data.val_fraction={val_fraction!r} must lie strictly between 0 and 1, e.g. 0.1.")
         self.save_hyperparameters(logger=False)  # the run logs its curated hyperparameters itself
@@ -192,7 +199,8 @@ class ShakespeareDataModule(L.LightningDataModule):
             train, val = starts[:cut], starts[cut:]
         else:  # held out: the last `fraction` of the text
             cut = n - int(n * fraction)
-            train, val = torch.arange(0, max(cut - T, 0), stride), torch.arange(cut, max(n - T, cut), stride)
+            val_stride = self.hparams.val_stride or stride  # = T: every held-out character predicted once, T x cheaper
+            train, val = torch.arange(0, max(cut - T, 0), stride), torch.arange(cut, max(n - T, cut), val_stride)
         if len(train) == 0 or len(val) == 0:
             raise UsageError(
                 f"data.sequence_length={T} is too long for {str(path)!r}: its {n} characters leave "

@@ -30,6 +30,7 @@ class GeneratorConfig:
     layer_norm: bool = False
     num_blocks: int = 1
     dropout: float = 0.0
+    feed_forward_size: int | None = None  # the feed-forward's hidden width in a Block; None: embedding_size
     attention_dropout: float | None = None  # dropout on the attention weights; None: `dropout`
     fused_attention: bool = False  # all heads in one q/k/v Linear + scaled_dot_product_attention (same function)
 
@@ -52,6 +53,12 @@ class GeneratorConfig:
                 raise UsageError(f"model.{key}={value!r} must lie in [0, 1), e.g. 0.1 (0 switches it off).")
         if self.attention_dropout is None:
             self.attention_dropout = self.dropout
+        width = self.feed_forward_size
+        if width is not None and not (self.residual and isinstance(width, int) and width >= 1):
+            raise UsageError(
+                f"model.feed_forward_size={width!r} needs model.residual=true (a Block projects the "
+                "hidden width back) and a whole number of at least 1, e.g. 4 x model.embedding_size."
+            )
         if self.residual and self.attention != "multihead":
             raise UsageError(f"model.residual=true needs model.attention=multihead, got {self.attention!r}.")
 
@@ -149,10 +156,10 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: GeneratorConfig, projection: bool):
         super().__init__()
-        C = cfg.embedding_size
-        self.linear = nn.Linear(C, C)
+        C, H = cfg.embedding_size, cfg.feed_forward_size or cfg.embedding_size
+        self.linear = nn.Linear(C, H)
         self.gelu = nn.GELU()
-        self.projection = nn.Linear(C, C) if projection else None
+        self.projection = nn.Linear(H, C) if projection else None
         self.dropout = maybe_dropout(cfg.dropout) if projection else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 
+from shakespeare.errors import UsageError
 from shakespeare.model import GeneratorConfig, ShakespeareGenerator
 from shakespeare.tokenizer import CharTokenizer
 
@@ -18,8 +22,10 @@ class ShakespeareModule(L.LightningModule):
     model and the tokenizer, and loads with PyTorch's safe `weights_only` loading.
     """
 
-    def __init__(self, vocabulary: list[str], model: dict, optimizer: dict):
+    def __init__(self, vocabulary: list[str], model: dict, optimizer: dict, scheduler: dict | None = None):
         super().__init__()
+        if scheduler:
+            check_scheduler(scheduler)
         self.save_hyperparameters(logger=False)  # the run logs its curated hyperparameters itself
         self.tokenizer = CharTokenizer(vocabulary)
         self.model = ShakespeareGenerator(GeneratorConfig(vocab_size=len(vocabulary), **model))
@@ -42,5 +48,31 @@ class ShakespeareModule(L.LightningModule):
         self.log("val/loss", loss, on_epoch=True, prog_bar=True)
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return instantiate(self.hparams.optimizer, params=self.parameters())
+    def configure_optimizers(self):
+        optimizer = instantiate(self.hparams.optimizer, params=self.parameters())
+        if not self.hparams.get("scheduler"):
+            return optimizer
+        total = self.trainer.estimated_stepping_batches  # trainer.max_steps, or epochs x batches per epoch
+        factor = partial(warmup_cosine, total_steps=total, **self.hparams.scheduler)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_scheduler(scheduler: dict) -> None:
+    """Refuse scheduler settings `warmup_cosine` cannot follow, naming the key."""
+    unknown = set(scheduler) - {"warmup_steps", "min_lr_factor"}
+    warmup, floor = scheduler.get("warmup_steps", 0), scheduler.get("min_lr_factor", 0.0)
+    if unknown:
+        raise UsageError(f"scheduler.{sorted(unknown)[0]} is not a setting; warmup_cosine takes warmup_steps and min_lr_factor.")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise UsageError(f"scheduler.warmup_steps={warmup!r} must be a whole number of steps, 0 or more (e.g. 100).")
+    if not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
+        raise UsageError(f"scheduler.min_lr_factor={floor!r} must lie in [0, 1]: the final learning rate over optimizer.lr.")
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_factor: float) -> float:
+    """The learning rate's factor at `step`: linear warm-up, then cosine decay to `min_lr_factor` at the end."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_factor + (1 - min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -143,3 +143,13 @@ def test_corpus_env_points_at_a_local_copy(tmp_path, corpus, monkeypatch):
     monkeypatch.setenv(CORPUS_ENV, str(tmp_path / "missing.txt"))
     with pytest.raises(UsageError, match="missing.txt"):
         fetch_corpus("http://127.0.0.1:9/input.txt", "0" * 64, tmp_path)
+
+
+def test_val_stride_spaces_the_held_out_windows(corpus):
+    data = ShakespeareDataModule(path=str(corpus), sequence_length=16, val_stride=16)
+    data.setup()
+    assert (data.val_starts.diff() == 16).all() and (data.train_starts.diff() == 1).all()
+    with pytest.raises(UsageError, match="data.val_stride=16 needs data.split=contiguous"):
+        ShakespeareDataModule(path=str(corpus), val_stride=16, split="random_windows")
+    with pytest.raises(UsageError, match="data.val_stride=0"):
+        ShakespeareDataModule(path=str(corpus), val_stride=0)

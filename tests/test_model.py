@@ -238,3 +238,10 @@ def test_fused_attention_computes_the_per_head_function(rung, overrides, tmp_pat
     idx = torch.randint(1, 66, (4, per_head.cfg.sequence_length))
     torch.testing.assert_close(fused(idx), per_head(idx), atol=1e-5, rtol=1e-5)
     assert "AttentionHead" not in repr(fused) and "FusedAttention" in repr(fused)
+
+
+def test_feed_forward_size_widens_the_blocks_hidden_layer(tmp_path):
+    model = build("block_norm", tmp_path, "model.feed_forward_size=128")
+    assert model.blocks[0].feed_forward.linear.out_features == 128 and model.blocks[0].feed_forward.projection.in_features == 128
+    with pytest.raises(UsageError, match="model.feed_forward_size=128 needs model.residual=true"):
+        build("multihead_ffn", tmp_path, "model.feed_forward_size=128")

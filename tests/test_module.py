@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 
 import shakespeare.cli as cli
+from shakespeare.errors import UsageError
 from shakespeare.module import ShakespeareModule
 
 
@@ -31,3 +34,41 @@ def test_epoch_loss_is_the_mean_of_its_steps_and_steps_are_logged_at_the_cadence
         assert recorder.epoch_means[epoch] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
     assert calls.count("train/loss_step") == 14 // 3  # steps 3, 6, 9, 12: what the logger writes, not every step
     assert calls.count("train/loss_epoch") == 2  # registered once an epoch, updated every step without self.log
+
+
+def test_warmup_cosine_rises_then_decays_to_the_floor():
+    from shakespeare.module import warmup_cosine
+
+    factors = [warmup_cosine(step, total_steps=110, warmup_steps=10, min_lr_factor=0.1) for step in range(120)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert factors[60] == pytest.approx(0.55) and factors[110] == pytest.approx(0.1) and factors[119] == pytest.approx(0.1)
+
+
+def test_scheduler_steps_the_learning_rate_every_step(tiny_cfg, monkeypatch):
+    from shakespeare.module import warmup_cosine
+
+    cfg = tiny_cfg("optimizer=adamw", "scheduler=warmup_cosine", "scheduler.warmup_steps=2", "trainer.max_steps=6",
+                   "trainer.limit_train_batches=10", "trainer.gradient_clip_val=1.0")
+    seen = []
+
+    class LearningRates(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    build = cli.build_callbacks
+    monkeypatch.setattr(cli, "build_callbacks", lambda cfg: [*build(cfg), LearningRates()])
+    cli.fit(cfg)
+    factors = [warmup_cosine(step, total_steps=6, warmup_steps=2, min_lr_factor=0.1) for step in range(6)]
+    assert seen == pytest.approx([cfg.optimizer.lr * f for f in factors], rel=1e-6)
+    assert factors[0] < factors[1] == factors[2] == 1.0 > factors[3] > factors[5] > 0.1
+
+
+@pytest.mark.parametrize(
+    "scheduler, named",
+    [({"warmup_steps": -1}, "scheduler.warmup_steps=-1"), ({"min_lr_factor": 2}, "scheduler.min_lr_factor=2"),
+     ({"warmup": 5}, "scheduler.warmup is not a setting")],
+)
+def test_bad_scheduler_values_are_named(scheduler, named):
+    with pytest.raises(UsageError, match=named):
+        ShakespeareModule(["<|pad|>", "a"], {"attention": "none", "sequence_length": 8}, {"_target_": "torch.optim.Adam"}, scheduler)
