@@ -10,7 +10,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from shakespeare.sampling import check_options, sample
 
 BEST_VAL_LOSS = "hp/best_val_loss"  # the metric TensorBoard's HParams tab sets the hyperparameters against
 TOKENS_PER_SECOND = "throughput/tokens_per_sec"
@@ -239,3 +242,39 @@ class HParamsMetric(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.best = state["best"]
+
+
+class GenerationSample(L.Callback):
+    """After every validation epoch, writes a sample from empty input to TensorBoard's Text tab; at the end of
+    training prints the last one under `Generation:`, as the log does.
+
+    It samples with its own seeded generator, so training's random numbers are untouched, and the same
+    seed every epoch, so the epochs' samples differ only by what the model learned.
+    """
+
+    def __init__(self, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None, seed: int = 0):
+        check_options(max_new_tokens, temperature, top_k, num_samples=1)
+        self.max_new_tokens, self.temperature, self.top_k, self.seed = max_new_tokens, temperature, top_k, seed
+        self.text: str | None = None
+
+    def sample(self, module: L.LightningModule) -> str:
+        generator = torch.Generator(device=module.device).manual_seed(self.seed)
+        options = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_k": self.top_k}
+        return sample(module.model, module.tokenizer, "", generator=generator, **options)[0]
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.max_new_tokens == 0:
+            return
+        self.text = self.sample(module)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):  # indented: markdown keeps the lines as they are
+                markdown = "    " + self.text.replace("\n", "\n    ")
+                logger.experiment.add_text("generation/empty_input", markdown, global_step=trainer.global_step)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.max_new_tokens == 0:
+            return
+        text = self.sample(module) if self.text is None else self.text
+        console(trainer, f"Generation:\n---------- Predict from empty input:\n{text}")

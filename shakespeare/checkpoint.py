@@ -1,0 +1,75 @@
+"""Open a run's checkpoint safely: it alone rebuilds the model and its tokenizer, no corpus or config needed."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from shakespeare.errors import UsageError
+from shakespeare.module import ShakespeareModule
+
+BEST = Path("checkpoints") / "best.ckpt"
+EXAMPLE = "outputs/<date>/<time>_<rung>/checkpoints/best.ckpt"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or a run folder's `checkpoints/best.ckpt`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for candidate in (path / BEST, path / BEST.name):
+            if candidate.is_file():
+                return candidate
+        raise UsageError(
+            f"ckpt_path={str(path)!r} is a folder without {BEST}. Pass a run folder written by train.py "
+            f"(outputs/<date>/<time>_<rung>) or a checkpoint file such as {EXAMPLE}."
+        )
+    if not path.is_file():
+        raise UsageError(
+            f"ckpt_path={str(path)!r} does not exist. Pass a checkpoint file such as {EXAMPLE}, or a run folder."
+        )
+    return path
+
+
+def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> ShakespeareModule:
+    """Rebuild the trained `ShakespeareModule` of a checkpoint (or run folder) with `weights_only` loading."""
+    path = resolve_checkpoint(path)
+    if not zipfile.is_zipfile(path):
+        raise UsageError(
+            f"ckpt_path={str(path)!r} is not a PyTorch checkpoint: it is truncated or another kind of file "
+            f"(checkpoints are zip archives). Pass a complete checkpoint written by train.py, such as {EXAMPLE}."
+        )
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        raise UsageError(
+            f"ckpt_path={str(path)!r} holds Python objects{f' ({refused[1]})' if refused else ''} that PyTorch's "
+            "safe weights_only loading refuses, so it is not a checkpoint written by train.py, whose "
+            f"hyperparameters are plain data. Pass a checkpoint such as {EXAMPLE}."
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError):
+        raise UsageError(
+            f"ckpt_path={str(path)!r} is not a readable PyTorch checkpoint: it is damaged or truncated. Pass a "
+            f"complete checkpoint written by train.py, such as {EXAMPLE}."
+        ) from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or not {"vocabulary", "model"} <= hparams.keys() or "state_dict" not in checkpoint:
+        raise UsageError(
+            f"ckpt_path={str(path)!r} is a PyTorch file but not a checkpoint of this project: it lacks the "
+            f"model weights or the hyperparameters (vocabulary and model config) that rebuild the model. Pass a "
+            f"checkpoint written by train.py, such as {EXAMPLE}."
+        )
+    try:
+        module = ShakespeareModule(**hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, TypeError) as err:
+        raise UsageError(
+            f"ckpt_path={str(path)!r} has weights that do not fit the model its hyperparameters describe "
+            f"({str(err).splitlines()[0][:200]}). The file was altered or written by another version; "
+            "retrain or pass another checkpoint."
+        ) from None
+    return module.to(map_location).eval()

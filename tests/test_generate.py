@@ -1,0 +1,167 @@
+"""The generate command and the checkpoint it reads: safe loading, clear errors, samples during training."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from shakespeare.callbacks import GenerationSample
+from shakespeare.checkpoint import load_module
+from shakespeare.cli import CONFIG_DIR, fit, write_samples
+from shakespeare.errors import UsageError
+from shakespeare.tokenizer import PAD
+from tests.conftest import ROOT, compose_train, write_corpus
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> SimpleNamespace:
+    """A tiny model trained for two short epochs; its corpus is deleted afterwards."""
+    tmp = tmp_path_factory.mktemp("generate")
+    corpus = write_corpus(tmp / "corpus.txt")
+    cfg = compose_train(tmp / "run", [
+        f"data.path={corpus}", "model=block_norm_dropout", "data.batch_size=32", "trainer.max_epochs=2",
+        "trainer.limit_train_batches=20", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
+        "callbacks.generation_sample.max_new_tokens=50", "optimizer.lr=0.01",
+    ])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        fit(cfg)
+    vocabulary = sorted(set(corpus.read_text()))
+    corpus.unlink()
+    return SimpleNamespace(folder=tmp / "run", best=tmp / "run" / "checkpoints" / "best.ckpt", stdout=out.getvalue(),
+                           vocabulary=vocabulary, tmp=tmp)
+
+
+def compose_generate(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("generate", overrides=list(overrides))
+
+
+def test_the_checkpoint_alone_rebuilds_the_model_with_weights_only_loading(run):
+    checkpoint = torch.load(run.best, weights_only=True)
+    assert checkpoint["hyper_parameters"]["vocabulary"] == [PAD, *run.vocabulary]
+    module = load_module(run.folder)  # a run folder means its best checkpoint; the corpus is gone
+    assert not module.training and module.tokenizer.vocabulary == [PAD, *run.vocabulary]
+    for name, weight in module.state_dict().items():
+        assert torch.equal(weight, checkpoint["state_dict"][name])
+
+
+def test_generate_streams_the_prompt_and_its_continuation(run):
+    out = io.StringIO()
+    texts = write_samples(compose_generate(f"ckpt_path={run.best}", "prompt=ROMEO:", "max_new_tokens=80", "seed=3"), out)
+    assert out.getvalue() == f"ROMEO:{texts[0]}\n" and len(texts[0]) == 80 and PAD not in texts[0]
+    again = write_samples(compose_generate(f"ckpt_path={run.folder}", "prompt=ROMEO:", "max_new_tokens=80", "seed=3"), io.StringIO())
+    assert again == texts
+    out = io.StringIO()
+    texts = write_samples(compose_generate(f"ckpt_path={run.best}", "num_samples=3", "max_new_tokens=30", "top_k=5"), out)
+    assert len(set(texts)) == 3 and out.getvalue().count("---------- Sample ") == 3
+
+
+def test_a_sample_is_logged_to_tensorboard_every_epoch_and_printed_at_the_end(run):
+    events = EventAccumulator(str(run.folder), size_guidance={"tensors": 0})
+    events.Reload()
+    samples = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("generation/empty_input/text_summary")]
+    assert len(samples) == 2  # one per validation epoch, none for the sanity check
+    for markdown in samples:
+        text = markdown.replace("\n    ", "\n").removeprefix("    ")
+        assert len(text) == 50 and PAD not in text
+    assert f"Generation:\n---------- Predict from empty input:\n{text}\n" in run.stdout
+
+
+def test_the_sample_callback_leaves_training_randomness_alone(tiny_cfg):
+    with_samples = fit(tiny_cfg("model=block_norm_dropout"))
+    without = fit(tiny_cfg("model=block_norm_dropout", "~callbacks.generation_sample"))
+    assert with_samples["val/loss"] == without["val/loss"]
+
+
+def test_the_sample_callback_uses_its_own_generator(run):
+    module = load_module(run.best)
+    state = torch.get_rng_state()
+    callback = GenerationSample(max_new_tokens=20)
+    trainer = SimpleNamespace(sanity_checking=False, loggers=[], global_step=0)
+    callback.on_validation_epoch_end(trainer, module)
+    assert torch.equal(torch.get_rng_state(), state) and len(callback.text) == 20
+    with pytest.raises(UsageError, match="temperature=0 must be greater than 0"):
+        GenerationSample(temperature=0)
+
+
+class Foreign:
+    pass
+
+
+def test_bad_checkpoints_are_named_with_what_was_expected(run, tmp_path):
+    with pytest.raises(UsageError, match=r"ckpt_path='.*nothing.ckpt' does not exist"):
+        load_module(tmp_path / "nothing.ckpt")
+    with pytest.raises(UsageError, match=r"is a folder without checkpoints/best.ckpt"):
+        load_module(tmp_path)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(run.best.read_bytes()[:5000])
+    with pytest.raises(UsageError, match=r"truncated.ckpt' is not a PyTorch checkpoint: it is truncated"):
+        load_module(truncated)
+    (tmp_path / "text.ckpt").write_text("ROMEO: not a checkpoint")
+    with pytest.raises(UsageError, match=r"text.ckpt' is not a PyTorch checkpoint"):
+        load_module(tmp_path / "text.ckpt")
+    damaged = tmp_path / "damaged.ckpt"
+    with zipfile.ZipFile(run.best) as source, zipfile.ZipFile(damaged, "w") as target:
+        for item in source.infolist():  # a valid zip whose tensor data is cut short
+            target.writestr(item, source.read(item)[:7] if "/data/" in item.filename else source.read(item))
+    with pytest.raises(UsageError, match=r"damaged.ckpt' is not a readable PyTorch checkpoint: it is damaged"):
+        load_module(damaged)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.ckpt")
+    with pytest.raises(UsageError, match=r"other.ckpt' is a PyTorch file but not a checkpoint of this project"):
+        load_module(tmp_path / "other.ckpt")
+    torch.save({"object": Foreign()}, tmp_path / "pickled.ckpt")
+    with pytest.raises(UsageError, match=r"pickled.ckpt' holds Python objects \(tests.test_generate.Foreign\)"):
+        load_module(tmp_path / "pickled.ckpt")
+    checkpoint = torch.load(run.best, weights_only=True)
+    checkpoint["hyper_parameters"]["model"]["embedding_size"] *= 2
+    torch.save(checkpoint, tmp_path / "mismatch.ckpt")
+    with pytest.raises(UsageError, match=r"mismatch.ckpt' has weights that do not fit the model"):
+        load_module(tmp_path / "mismatch.ckpt")
+
+
+def test_generate_refuses_bad_options(run):
+    for override, message in [
+        ("prompt=ROMEO:QX", r"The prompt 'ROMEO:QX' contains 2 character\(s\) the model's vocabulary lacks: 'Q' 'X'"),
+        ("max_new_tokens=-5", "max_new_tokens=-5 must be"),
+        ("temperature=0", "temperature=0 must be greater than 0"),
+        ("top_k=0", "top_k=0 must be a whole number of at least 1"),
+        ("device=tpu", "device='tpu' is not available on this machine"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            write_samples(compose_generate(f"ckpt_path={run.best}", override), io.StringIO())
+    with pytest.raises(UsageError, match="ckpt_path is not set"):
+        write_samples(compose_generate(), io.StringIO())
+    out = io.StringIO()
+    write_samples(compose_generate(f"ckpt_path={run.best}", "prompt=ROMEO:QX", "on_unknown=skip", "max_new_tokens=5"), out)
+    assert out.getvalue().startswith("ROMEO:") and len(out.getvalue()) == len("ROMEO:") + 5 + 1
+
+
+def run_generate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_generate_cli_end_to_end(run, tmp_path):
+    result = run_generate([f"ckpt_path={run.folder}", "prompt=ROMEO:", "max_new_tokens=100", "seed=1"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ROMEO:") and len(result.stdout) == len("ROMEO:") + 100 + 1
+    assert list(tmp_path.iterdir()) == []  # generating writes nothing to disk
+    result = run_generate([f"ckpt_path={run.best}", "temperature=-1"], tmp_path)
+    assert result.returncode == 2 and "temperature=-1 must be greater than 0" in result.stderr
+    assert "Traceback" not in result.stderr
