@@ -1,6 +1,6 @@
 """Write with a trained model: `python generate.py ckpt_path=outputs/<run>/checkpoints/best.ckpt prompt="ROMEO:"`."""
 
-from shakespeare.cli import generate
+from shakespeare.generation import generate
 
 if __name__ == "__main__":
     generate()

@@ -1,4 +1,7 @@
-"""Open a run's checkpoint safely: it alone rebuilds the model and its tokenizer, no corpus or config needed."""
+"""Open a run's checkpoint safely: it alone rebuilds the model and its tokenizer, no corpus or config needed.
+
+Only torch is needed (not Lightning), so the generate command starts quickly.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +13,20 @@ from pathlib import Path
 import torch
 
 from shakespeare.errors import UsageError
-from shakespeare.module import ShakespeareModule
+from shakespeare.model import GeneratorConfig, ShakespeareGenerator
+from shakespeare.tokenizer import CharTokenizer
 
 BEST = Path("checkpoints") / "best.ckpt"
 EXAMPLE = "outputs/<date>/<time>_<rung>/checkpoints/best.ckpt"
+PREFIX = "model."  # ShakespeareModule keeps the generator as `self.model`
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file as given, or a run folder's `checkpoints/best.ckpt`."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for candidate in (path / BEST, path / BEST.name):
-            if candidate.is_file():
-                return candidate
+        if (path / BEST).is_file():
+            return path / BEST
         raise UsageError(
             f"ckpt_path={str(path)!r} is a folder without {BEST}. Pass a run folder written by train.py "
             f"(outputs/<date>/<time>_<rung>) or a checkpoint file such as {EXAMPLE}."
@@ -34,16 +38,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> ShakespeareModule:
-    """Rebuild the trained `ShakespeareModule` of a checkpoint (or run folder) with `weights_only` loading."""
-    path = resolve_checkpoint(path)
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """The checkpoint's contents, read with PyTorch's safe `weights_only` loading."""
     if not zipfile.is_zipfile(path):
         raise UsageError(
             f"ckpt_path={str(path)!r} is not a PyTorch checkpoint: it is truncated or another kind of file "
             f"(checkpoints are zip archives). Pass a complete checkpoint written by train.py, such as {EXAMPLE}."
         )
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         raise UsageError(
@@ -56,6 +59,14 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> S
             f"ckpt_path={str(path)!r} is not a readable PyTorch checkpoint: it is damaged or truncated. Pass a "
             f"complete checkpoint written by train.py, such as {EXAMPLE}."
         ) from None
+
+
+def load_generator(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[ShakespeareGenerator, CharTokenizer]:
+    """The trained model (in eval mode) and tokenizer of a checkpoint or run folder."""
+    path = resolve_checkpoint(path)
+    checkpoint = read_checkpoint(path, map_location)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or not {"vocabulary", "model"} <= hparams.keys() or "state_dict" not in checkpoint:
         raise UsageError(
@@ -63,13 +74,15 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> S
             f"model weights or the hyperparameters (vocabulary and model config) that rebuild the model. Pass a "
             f"checkpoint written by train.py, such as {EXAMPLE}."
         )
+    state = {k.removeprefix(PREFIX): v for k, v in checkpoint["state_dict"].items() if k.startswith(PREFIX)}
     try:
-        module = ShakespeareModule(**hparams)
-        module.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, TypeError) as err:
+        tokenizer = CharTokenizer(hparams["vocabulary"])
+        model = ShakespeareGenerator(GeneratorConfig(vocab_size=len(tokenizer), **hparams["model"]))
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as err:
         raise UsageError(
             f"ckpt_path={str(path)!r} has weights that do not fit the model its hyperparameters describe "
             f"({str(err).splitlines()[0][:200]}). The file was altered or written by another version; "
             "retrain or pass another checkpoint."
         ) from None
-    return module.to(map_location).eval()
+    return model.to(map_location).eval(), tokenizer

@@ -18,8 +18,9 @@ from hydra.core.global_hydra import GlobalHydra
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from shakespeare.callbacks import GenerationSample
-from shakespeare.checkpoint import load_module
-from shakespeare.cli import CONFIG_DIR, fit, write_samples
+from shakespeare.checkpoint import load_generator
+from shakespeare.cli import fit
+from shakespeare.generation import CONFIG_DIR, write_samples
 from shakespeare.errors import UsageError
 from shakespeare.tokenizer import PAD
 from tests.conftest import ROOT, compose_train, write_corpus
@@ -53,10 +54,11 @@ def compose_generate(*overrides: str):
 def test_the_checkpoint_alone_rebuilds_the_model_with_weights_only_loading(run):
     checkpoint = torch.load(run.best, weights_only=True)
     assert checkpoint["hyper_parameters"]["vocabulary"] == [PAD, *run.vocabulary]
-    module = load_module(run.folder)  # a run folder means its best checkpoint; the corpus is gone
-    assert not module.training and module.tokenizer.vocabulary == [PAD, *run.vocabulary]
-    for name, weight in module.state_dict().items():
-        assert torch.equal(weight, checkpoint["state_dict"][name])
+    model, tokenizer = load_generator(run.folder)  # a run folder means its best checkpoint; the corpus is gone
+    assert not model.training and tokenizer.vocabulary == [PAD, *run.vocabulary]
+    assert model.cfg.name == "block_norm_dropout" and model.cfg.dropout == 0.1
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight, checkpoint["state_dict"][f"model.{name}"])
 
 
 def test_generate_streams_the_prompt_and_its_continuation(run):
@@ -88,7 +90,8 @@ def test_the_sample_callback_leaves_training_randomness_alone(tiny_cfg):
 
 
 def test_the_sample_callback_uses_its_own_generator(run):
-    module = load_module(run.best)
+    model, tokenizer = load_generator(run.best)
+    module = SimpleNamespace(model=model.train(), tokenizer=tokenizer, device=torch.device("cpu"))
     state = torch.get_rng_state()
     callback = GenerationSample(max_new_tokens=20)
     trainer = SimpleNamespace(sanity_checking=False, loggers=[], global_step=0)
@@ -104,33 +107,33 @@ class Foreign:
 
 def test_bad_checkpoints_are_named_with_what_was_expected(run, tmp_path):
     with pytest.raises(UsageError, match=r"ckpt_path='.*nothing.ckpt' does not exist"):
-        load_module(tmp_path / "nothing.ckpt")
+        load_generator(tmp_path / "nothing.ckpt")
     with pytest.raises(UsageError, match=r"is a folder without checkpoints/best.ckpt"):
-        load_module(tmp_path)
+        load_generator(tmp_path)
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(run.best.read_bytes()[:5000])
     with pytest.raises(UsageError, match=r"truncated.ckpt' is not a PyTorch checkpoint: it is truncated"):
-        load_module(truncated)
+        load_generator(truncated)
     (tmp_path / "text.ckpt").write_text("ROMEO: not a checkpoint")
     with pytest.raises(UsageError, match=r"text.ckpt' is not a PyTorch checkpoint"):
-        load_module(tmp_path / "text.ckpt")
+        load_generator(tmp_path / "text.ckpt")
     damaged = tmp_path / "damaged.ckpt"
     with zipfile.ZipFile(run.best) as source, zipfile.ZipFile(damaged, "w") as target:
         for item in source.infolist():  # a valid zip whose tensor data is cut short
             target.writestr(item, source.read(item)[:7] if "/data/" in item.filename else source.read(item))
     with pytest.raises(UsageError, match=r"damaged.ckpt' is not a readable PyTorch checkpoint: it is damaged"):
-        load_module(damaged)
+        load_generator(damaged)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.ckpt")
     with pytest.raises(UsageError, match=r"other.ckpt' is a PyTorch file but not a checkpoint of this project"):
-        load_module(tmp_path / "other.ckpt")
+        load_generator(tmp_path / "other.ckpt")
     torch.save({"object": Foreign()}, tmp_path / "pickled.ckpt")
     with pytest.raises(UsageError, match=r"pickled.ckpt' holds Python objects \(tests.test_generate.Foreign\)"):
-        load_module(tmp_path / "pickled.ckpt")
+        load_generator(tmp_path / "pickled.ckpt")
     checkpoint = torch.load(run.best, weights_only=True)
     checkpoint["hyper_parameters"]["model"]["embedding_size"] *= 2
     torch.save(checkpoint, tmp_path / "mismatch.ckpt")
     with pytest.raises(UsageError, match=r"mismatch.ckpt' has weights that do not fit the model"):
-        load_module(tmp_path / "mismatch.ckpt")
+        load_generator(tmp_path / "mismatch.ckpt")
 
 
 def test_generate_refuses_bad_options(run):
@@ -152,7 +155,7 @@ def test_generate_refuses_bad_options(run):
 
 def run_generate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "generate.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -162,6 +165,7 @@ def test_generate_cli_end_to_end(run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ROMEO:") and len(result.stdout) == len("ROMEO:") + 100 + 1
     assert list(tmp_path.iterdir()) == []  # generating writes nothing to disk
+    assert "| lightning" not in result.stderr  # importing Lightning alone would double the start-up time
     result = run_generate([f"ckpt_path={run.best}", "temperature=-1"], tmp_path)
-    assert result.returncode == 2 and "temperature=-1 must be greater than 0" in result.stderr
+    assert result.returncode == 2 and "\ntemperature=-1 must be greater than 0" in result.stderr
     assert "Traceback" not in result.stderr

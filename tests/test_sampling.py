@@ -7,7 +7,7 @@ import torch
 
 from shakespeare.errors import UsageError
 from shakespeare.model import GeneratorConfig, ShakespeareGenerator
-from shakespeare.sampling import sample, stream
+from shakespeare.sampling import for_inference, sample, stream
 from shakespeare.tokenizer import PAD, CharTokenizer
 
 TOKENIZER = CharTokenizer.from_text("ROMEO:\nJULIET: the king my lord, good sweet love!")
@@ -110,3 +110,17 @@ def test_meaningless_options_are_refused_before_any_step(options, message):
 
 def test_zero_new_tokens_is_empty():
     assert sample(make_model(), TOKENIZER, "ROMEO:", max_new_tokens=0) == [""]
+
+
+@pytest.mark.parametrize(
+    "attention, extra",
+    [("head", {}), ("multihead", {"feed_forward": True}), ("multihead", {"residual": True, "layer_norm": True, "num_blocks": 2, "dropout": 0.1})],
+)
+def test_inference_fuses_the_heads_without_changing_the_function_or_drawing_random_numbers(attention, extra):
+    model = make_model(attention, **extra).eval()
+    state = torch.get_rng_state()
+    fast = for_inference(model)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert "FusedAttention" in repr(fast) and "AttentionHead" not in repr(fast) and not fast.training
+    idx = torch.randint(1, len(TOKENIZER), (3, 8))
+    torch.testing.assert_close(fast(idx), model(idx), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,82 @@
+"""Generation speed: characters/second for one stream of the scale_up model, and what 16 streams cost.
+
+    python benchmarks/generation.py [--chars 1000] [--repeats 5] [--threads 1]
+
+An untrained model of the scale_up shape (its config composed from conf/): speed does not depend on the
+weights. Each figure is the best of `--repeats` interleaved runs, so a busy machine disturbs it least.
+Targets: >= 2,000 chars/s for one stream; 16 streams well under 16x the time of one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import string
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shakespeare import sampling  # noqa: E402
+from shakespeare.model import GeneratorConfig, ShakespeareGenerator  # noqa: E402
+from shakespeare.tokenizer import PAD, CharTokenizer  # noqa: E402
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def scale_up_model(vocab_size: int) -> ShakespeareGenerator:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=scale_up"])
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    return ShakespeareGenerator(GeneratorConfig(vocab_size=vocab_size, **model))
+
+
+def seconds(model, tokenizer, chars: int, num_samples: int) -> float:
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in sampling.stream(model, tokenizer, "", max_new_tokens=chars, num_samples=num_samples, generator=generator):
+        pass
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chars", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tokenizer = CharTokenizer([PAD, *sorted(set(string.printable[:-5]))][:66])  # tinyshakespeare's 65 + pad
+    model = scale_up_model(len(tokenizer))
+    cfg = model.cfg
+    fused_inference = sampling.for_inference
+
+    def per_head(model):  # the baseline: the model as trained, its heads one by one
+        return model.eval()
+
+    runs = {"fused": [], "per_head": [], "x16": []}
+    seconds(model, tokenizer, 100, 16)  # warm-up
+    for _ in range(args.repeats):
+        runs["fused"].append(seconds(model, tokenizer, args.chars, 1))
+        runs["x16"].append(seconds(model, tokenizer, args.chars, 16))
+        sampling.for_inference = per_head
+        runs["per_head"].append(seconds(model, tokenizer, args.chars, 1))
+        sampling.for_inference = fused_inference
+    best = {name: min(times) for name, times in runs.items()}
+    one = args.chars / best["fused"]
+    print(f"model: scale_up shape, sequence {cfg.sequence_length}, embedding {cfg.embedding_size}, {cfg.num_heads} heads, "
+          f"{cfg.num_blocks} block(s), vocabulary {cfg.vocab_size}; torch {torch.__version__}, {args.threads} thread(s)")
+    print(f"one stream:            {one:8,.0f} chars/s  (target >= 2,000: {'met' if one >= 2000 else 'MISSED'})")
+    print(f"  per-head baseline:   {args.chars / best['per_head']:8,.0f} chars/s  "
+          f"(fused for inference is {best['per_head'] / best['fused']:.2f}x faster)")
+    ratio = best["x16"] / best["fused"]
+    print(f"16 streams:            {16 * args.chars / best['x16']:8,.0f} chars/s in all; cost {ratio:.2f}x one stream "
+          f"(target well under 16x: {'met' if ratio < 8 else 'MISSED'})")
+
+
+if __name__ == "__main__":
+    main()
