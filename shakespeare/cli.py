@@ -9,10 +9,12 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from shakespeare.callbacks import BEST_VAL_LOSS
@@ -86,12 +88,31 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return callbacks
 
 
+def check_sweep_strategy(trainer: L.Trainer) -> None:
+    """Refuse `trainer=ddp` in a local `-m` sweep: it starts its extra processes by re-running the command,
+    and each of them would run the whole sweep again."""
+    if (
+        isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)
+        and not trainer.strategy.cluster_environment.creates_processes_externally
+        and trainer.num_devices > 1
+        and HydraConfig.initialized()
+        and HydraConfig.get().mode == RunMode.MULTIRUN
+    ):
+        raise UsageError(
+            f"trainer.strategy=ddp with trainer.devices={trainer.num_devices} starts its extra processes by "
+            "re-running this command, so inside a -m sweep every process would run the whole sweep again. In "
+            "sweeps use trainer=ddp_spawn (the same training, processes started by Python's multiprocessing), "
+            "or a launcher that starts one process per device itself (hydra/launcher=submitit_slurm)."
+        )
+
+
 def fit(cfg: DictConfig) -> dict[str, float]:
     """Train one run as `cfg` describes and return its final metrics."""
     L.seed_everything(cfg.seed, workers=True)
     check_accelerator(cfg.trainer.accelerator)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     set_threads(trainer_cfg.pop("threads", None))
+    log.info("torch threads=%d", torch.get_num_threads())
     keep_freed_memory()
     datamodule = instantiate(cfg.data)
     module = ShakespeareModule(
@@ -105,13 +126,14 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:  # the HParams tab: these hyperparameters against the best validation loss so far
         logger.log_hyperparams(hyperparameters(cfg), metrics={BEST_VAL_LOSS: math.nan})
     trainer = instantiate(trainer_cfg, callbacks=build_callbacks(cfg), logger=loggers)
+    check_sweep_strategy(trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     return {name: float(value) for name, value in trainer.callback_metrics.items()}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def train(cfg: DictConfig) -> float | None:
-    """`python train.py`: returns the best validation loss, the value Hydra's sweepers minimise."""
+    """`python train.py`: returns the best epoch validation loss, the value Hydra's sweepers minimise."""
     try:
         metrics = fit(cfg)
     except UsageError as err:
@@ -119,4 +141,4 @@ def train(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode == RunMode.RUN:
             sys.exit(2)
         raise
-    return metrics.get("val/loss")
+    return metrics.get("val/loss_best")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import torch
@@ -27,6 +28,7 @@ def set_threads(threads: int | None) -> None:
             "or null for torch's default of one per core. Use 1 when other work shares the machine."
         )
     torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for the processes this one starts, e.g. trainer=ddp_spawn's
 
 
 def keep_freed_memory() -> bool:

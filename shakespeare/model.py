@@ -33,6 +33,7 @@ class GeneratorConfig:
     feed_forward_size: int | None = None  # the feed-forward's hidden width in a Block; None: embedding_size
     attention_dropout: float | None = None  # dropout on the attention weights; None: `dropout`
     fused_attention: bool = False  # all heads in one q/k/v Linear + scaled_dot_product_attention (same function)
+    compile: bool = False  # torch.compile the model; ShakespeareModule applies it
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
