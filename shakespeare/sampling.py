@@ -7,9 +7,11 @@ import re
 from collections.abc import Iterator
 
 import torch
+import torch.nn as nn
+from torch.nn import functional as F
 
 from shakespeare.errors import UsageError
-from shakespeare.model import ShakespeareGenerator
+from shakespeare.model import Block, FusedAttention, ShakespeareGenerator
 from shakespeare.tokenizer import CharTokenizer
 
 ON_UNKNOWN = ("error", "skip")
@@ -32,19 +34,58 @@ def fuse_heads(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return fused
 
 
-def for_inference(model: ShakespeareGenerator) -> ShakespeareGenerator:
-    """The same function, with fewer operations per step: per-head attention (the log's tree) fused into one
-    q/k/v Linear + scaled_dot_product_attention, and no Dropout modules (dropout is off when sampling).
+class NextCharacter(nn.Module):
+    """Logits (B, V) for the character after each row of `idx`: the model's own function at its last
+    position, in fewer operations, as sampling needs nothing else.
 
-    The twin shares the model's weights and is built on the meta device, so no random numbers are drawn.
+    Per-head attention (the log's tree) is fused into one q/k/v Linear + scaled_dot_product_attention,
+    Dropout modules are left out (dropout is off when sampling), and the last attention layer and all
+    after it run for the last position only. The fused twin is built on the meta device around the
+    model's own weights: nothing is copied and no random numbers are drawn.
     """
-    cfg = model.cfg
-    if cfg.attention == "none":
-        return model.eval()
-    with torch.device("meta"):
-        fused = ShakespeareGenerator(dataclasses.replace(cfg, fused_attention=True, dropout=0.0, attention_dropout=0.0))
-    fused.load_state_dict(fuse_heads(model.state_dict()) if not cfg.fused_attention else model.state_dict(), assign=True)
-    return fused.eval()
+
+    def __init__(self, model: ShakespeareGenerator):
+        super().__init__()
+        self.cfg = cfg = model.cfg
+        if cfg.attention == "none":  # the bigram reads only the last character anyway
+            self.model = model
+            return
+        with torch.device("meta"):
+            fused = ShakespeareGenerator(dataclasses.replace(cfg, fused_attention=True, dropout=0.0, attention_dropout=0.0))
+        state = model.state_dict() if cfg.fused_attention else fuse_heads(model.state_dict())
+        fused.load_state_dict(state, assign=True)
+        self.model = fused.eval()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        m, cfg = self.model, self.cfg
+        if cfg.attention == "none":
+            return m(idx[:, -1:])[:, -1]
+        T = idx.shape[1]
+        x = m.embedding(idx) + m.positional_embedding.weight[:T]  # (B, T, C)
+        if cfg.residual:
+            *blocks, last = [block for block in m.blocks if isinstance(block, Block)]
+            for block in blocks:
+                x = block(x)
+            x = x[:, -1:] + attend_last(last.heads, x if last.norm1 is None else last.norm1(x))  # (B, 1, C)
+            x = x + last.feed_forward(x if last.norm2 is None else last.norm2(x))
+            if isinstance(m.blocks[-1], nn.LayerNorm):
+                x = m.blocks[-1](x)
+        else:
+            x = attend_last(m.head if cfg.attention == "head" else m.heads, x)
+            if m.feed_forward is not None:
+                x = m.feed_forward(x)
+        return m.linear(x)[:, -1]
+
+
+def attend_last(attention: FusedAttention, x: torch.Tensor) -> torch.Tensor:
+    """`attention(x)[:, -1:]` (B, 1, C): the last position's query against every position's key and value."""
+    B, T, C = x.shape
+    H = attention.num_heads
+    w = attention.qkv.weight  # (3C, C): the queries' rows, then the keys', then the values'
+    q = F.linear(x[:, -1:], w[:C]).view(B, 1, H, C // H).transpose(1, 2)  # (B, H, 1, hs)
+    k, v = F.linear(x, w[C:]).view(B, T, 2, H, C // H).permute(2, 0, 3, 1, 4)  # (B, H, T, hs) each
+    y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, C)  # the last query sees all keys
+    return y if attention.projection is None else attention.projection(y)
 
 
 def check_options(max_new_tokens: int, temperature: float, top_k: int | None, num_samples: int) -> None:
@@ -122,10 +163,11 @@ def _steps(
     ids[:, :P] = prompt_ids
     vocabulary = tokenizer.vocabulary
     was_training = model.training
-    fast = for_inference(model)
+    model.eval()
+    next_character = NextCharacter(model)
     try:
         for n in range(P, P + max_new_tokens):
-            logits = fast(ids[:, max(0, n - T) : n])[:, -1, :]  # (B, V): the last position's, context cropped to T
+            logits = next_character(ids[:, max(0, n - T) : n])  # (B, V), the context cropped to T
             logits[:, tokenizer.pad_id] = float("-inf")
             if temperature != 1.0:
                 logits /= temperature

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from shakespeare.errors import UsageError
 from shakespeare.model import GeneratorConfig, ShakespeareGenerator
-from shakespeare.sampling import for_inference, sample, stream
+from shakespeare.sampling import NextCharacter, sample, stream
 from shakespeare.tokenizer import PAD, CharTokenizer
+from tests.conftest import compose_train
 
 TOKENIZER = CharTokenizer.from_text("ROMEO:\nJULIET: the king my lord, good sweet love!")
 
@@ -112,15 +114,25 @@ def test_zero_new_tokens_is_empty():
     assert sample(make_model(), TOKENIZER, "ROMEO:", max_new_tokens=0) == [""]
 
 
+
 @pytest.mark.parametrize(
-    "attention, extra",
-    [("head", {}), ("multihead", {"feed_forward": True}), ("multihead", {"residual": True, "layer_norm": True, "num_blocks": 2, "dropout": 0.1})],
+    "rung, overrides",
+    [(rung, []) for rung in ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout"]]
+    + [
+        ("block_norm_dropout", ["experiment=scale_up", "model.num_blocks=2", "model.feed_forward_size=96"]),
+        ("block_norm", ["model.fused_attention=true", "model.num_blocks=3"]),
+        ("multihead_ffn", ["model.fused_attention=true"]),
+    ],
 )
-def test_inference_fuses_the_heads_without_changing_the_function_or_drawing_random_numbers(attention, extra):
-    model = make_model(attention, **extra).eval()
+def test_next_character_is_the_models_last_position_in_fewer_steps(rung, overrides, tmp_path):
+    cfg = compose_train(tmp_path, [f"model={rung}", *overrides])
+    model = ShakespeareGenerator(GeneratorConfig(vocab_size=66, **OmegaConf.to_container(cfg.model, resolve=True))).eval()
     state = torch.get_rng_state()
-    fast = for_inference(model)
-    assert torch.equal(torch.get_rng_state(), state)
-    assert "FusedAttention" in repr(fast) and "AttentionHead" not in repr(fast) and not fast.training
-    idx = torch.randint(1, len(TOKENIZER), (3, 8))
-    torch.testing.assert_close(fast(idx), model(idx), atol=1e-5, rtol=1e-5)
+    next_character = NextCharacter(model)
+    assert torch.equal(torch.get_rng_state(), state)  # built around the model's weights, nothing drawn
+    if rung != "bigram":
+        assert "AttentionHead" not in repr(next_character) and "Dropout" not in repr(next_character)
+    T = model.cfg.sequence_length
+    for length in (1, T // 2, T):
+        idx = torch.randint(1, 66, (3, length))
+        torch.testing.assert_close(next_character(idx), model(idx)[:, -1], atol=1e-5, rtol=1e-5)
