@@ -246,10 +246,10 @@ class HParamsMetric(L.Callback):
 
 class GenerationSample(L.Callback):
     """After every validation epoch, writes a sample from empty input to TensorBoard's Text tab; at the end of
-    training prints the last one under `Generation:`, as the log does.
+    training prints one from the final model under `Generation:`, as the log does.
 
     It samples with its own seeded generator, so training's random numbers are untouched, and the same
-    seed every epoch, so the epochs' samples differ only by what the model learned.
+    seed every time, so the samples differ only by what the model learned.
     """
 
     def __init__(self, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None, seed: int = 0):
@@ -276,5 +276,4 @@ class GenerationSample(L.Callback):
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.max_new_tokens == 0:
             return
-        text = self.sample(module) if self.text is None else self.text
-        console(trainer, f"Generation:\n---------- Predict from empty input:\n{text}")
+        console(trainer, f"Generation:\n---------- Predict from empty input:\n{self.sample(module)}")

@@ -49,7 +49,7 @@ def write_samples(cfg: DictConfig, out: TextIO = sys.stdout) -> list[str]:
     model, tokenizer = load_generator(cfg.ckpt_path, map_location=device)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed) if cfg.seed is not None else generator.seed()
-    prompt = "" if cfg.prompt is None else str(cfg.prompt)
+    prompt = "" if cfg.prompt is None else str(cfg.prompt).replace("\\n", "\n")  # a typed \n is a line break
     steps = stream(model, tokenizer, prompt, generator=generator, on_unknown=cfg.on_unknown, **options)
     prompt = "".join(ch for ch in prompt if ch not in tokenizer.unknown(prompt))  # as the model read it
     texts: list[list[str]] = [[] for _ in range(cfg.num_samples)]

@@ -68,6 +68,9 @@ def test_generate_streams_the_prompt_and_its_continuation(run):
     again = write_samples(compose_generate(f"ckpt_path={run.folder}", "prompt=ROMEO:", "max_new_tokens=80", "seed=3"), io.StringIO())
     assert again == texts
     out = io.StringIO()
+    write_samples(compose_generate(f"ckpt_path={run.best}", r'prompt="ROMEO:\nO lord"', "max_new_tokens=3"), out)
+    assert out.getvalue().startswith("ROMEO:\nO lord")
+    out = io.StringIO()
     texts = write_samples(compose_generate(f"ckpt_path={run.best}", "num_samples=3", "max_new_tokens=30", "top_k=5"), out)
     assert len(set(texts)) == 3 and out.getvalue().count("---------- Sample ") == 3
 
