@@ -191,7 +191,7 @@ class ResearchLog(EpochLine):
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.sample = generate_sample(module, self.sample_length) or ""
+        self.sample = generate_sample(module, self.sample_length) if self.sample_length else ""
         super().on_train_end(trainer, module)  # appends "Training completed ..."
         if self.status == "running":  # an interruption already marked stays marked
             self.mark("finished")
@@ -211,13 +211,9 @@ class ResearchLog(EpochLine):
         self.lines, self.throughputs = list(state.get("lines", [])), list(state.get("throughputs", []))
 
 
-def generate_sample(module: L.LightningModule, length: int) -> str | None:
-    """A seeded sample from the empty prompt, as the log printed after training (None without sampling)."""
-    try:
-        from shakespeare.sampling import sample
-    except ImportError:
-        return None
-    generator = torch.Generator(next(module.parameters()).device).manual_seed(0)
+def generate_sample(module: L.LightningModule, length: int) -> str:
+    """A seeded sample from the empty prompt, as the log printed after training."""
+    generator = torch.Generator(module.device).manual_seed(0)
     return sample(module.model, module.tokenizer, "", max_new_tokens=length, generator=generator)[0]
 
 
