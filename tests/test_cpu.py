@@ -39,3 +39,10 @@ def test_big_blocks_are_reused_without_page_faults():
     for _ in range(5):  # ...then reuses it; fresh mappings would fault ~16k pages per block
         torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 2000
+
+
+def test_cpu_speedrun_validates_at_its_last_step(tiny_cfg):
+    cfg = tiny_cfg("experiment=cpu_speedrun", "trainer.max_steps=4", "trainer.val_check_interval=2", "data.batch_size=8")
+    metrics = fit(cfg)
+    assert cfg.model.fused_attention and cfg.model.attention_dropout is None and cfg.model.dropout == 0.0
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
