@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from shakespeare.errors import UsageError
-from shakespeare.model import Block, FusedAttention, ShakespeareGenerator
+from shakespeare.model import Block, ShakespeareGenerator
 from shakespeare.tokenizer import CharTokenizer
 
 ON_UNKNOWN = ("error", "skip")
@@ -34,18 +34,18 @@ def fuse_heads(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return fused
 
 
-class NextCharacter(nn.Module):
+class NextCharacter:
     """Logits (B, V) for the character after each row of `idx`: the model's own function at its last
     position, in fewer operations, as sampling needs nothing else.
 
     Per-head attention (the log's tree) is fused into one q/k/v Linear + scaled_dot_product_attention,
     Dropout modules are left out (dropout is off when sampling), and the last attention layer and all
     after it run for the last position only. The fused twin is built on the meta device around the
-    model's own weights: nothing is copied and no random numbers are drawn.
+    model's own weights: nothing is copied and no random numbers are drawn. Its parts are looked up
+    once here, not at every step.
     """
 
     def __init__(self, model: ShakespeareGenerator):
-        super().__init__()
         self.cfg = cfg = model.cfg
         if cfg.attention == "none":  # the bigram reads only the last character anyway
             self.model = model
@@ -55,37 +55,44 @@ class NextCharacter(nn.Module):
         state = model.state_dict() if cfg.fused_attention else fuse_heads(model.state_dict())
         fused.load_state_dict(state, assign=True)
         self.model = fused.eval()
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        m, cfg = self.model, self.cfg
-        if cfg.attention == "none":
-            return m(idx[:, -1:])[:, -1]
-        T = idx.shape[1]
-        x = m.embedding(idx) + m.positional_embedding.weight[:T]  # (B, T, C)
+        self.embedding, self.positions, self.linear = fused.embedding, fused.positional_embedding.weight, fused.linear
+        self.final_norm = self.norm1 = self.norm2 = None
         if cfg.residual:
-            *blocks, last = [block for block in m.blocks if isinstance(block, Block)]
-            for block in blocks:
-                x = block(x)
-            x = x[:, -1:] + attend_last(last.heads, x if last.norm1 is None else last.norm1(x))  # (B, 1, C)
-            x = x + last.feed_forward(x if last.norm2 is None else last.norm2(x))
-            if isinstance(m.blocks[-1], nn.LayerNorm):
-                x = m.blocks[-1](x)
+            *self.body, last = [block for block in fused.blocks if isinstance(block, Block)]
+            self.norm1, self.norm2, self.feed_forward, attention = last.norm1, last.norm2, last.feed_forward, last.heads
+            if isinstance(fused.blocks[-1], nn.LayerNorm):
+                self.final_norm = fused.blocks[-1]
         else:
-            x = attend_last(m.head if cfg.attention == "head" else m.heads, x)
-            if m.feed_forward is not None:
-                x = m.feed_forward(x)
-        return m.linear(x)[:, -1]
+            self.body, self.feed_forward = [], fused.feed_forward
+            attention = fused.head if cfg.attention == "head" else fused.heads
+        C, self.num_heads, self.projection = cfg.embedding_size, attention.num_heads, attention.projection
+        self.query, self.key_value = attention.qkv.weight[:C], attention.qkv.weight[C:]  # qkv rows: q, then k, then v
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.model})"
 
-def attend_last(attention: FusedAttention, x: torch.Tensor) -> torch.Tensor:
-    """`attention(x)[:, -1:]` (B, 1, C): the last position's query against every position's key and value."""
-    B, T, C = x.shape
-    H = attention.num_heads
-    w = attention.qkv.weight  # (3C, C): the queries' rows, then the keys', then the values'
-    q = F.linear(x[:, -1:], w[:C]).view(B, 1, H, C // H).transpose(1, 2)  # (B, H, 1, hs)
-    k, v = F.linear(x, w[C:]).view(B, T, 2, H, C // H).permute(2, 0, 3, 1, 4)  # (B, H, T, hs) each
-    y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, C)  # the last query sees all keys
-    return y if attention.projection is None else attention.projection(y)
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.cfg.attention == "none":
+            return self.model(idx[:, -1:])[:, -1]
+        B, T = idx.shape
+        C, H = self.cfg.embedding_size, self.num_heads
+        x = self.embedding(idx) + self.positions[:T]  # (B, T, C)
+        for block in self.body:
+            x = block(x)
+        h = x if self.norm1 is None else self.norm1(x)
+        q = F.linear(h[:, -1:], self.query).view(B, 1, H, C // H).transpose(1, 2)  # (B, H, 1, hs)
+        k, v = F.linear(h, self.key_value).view(B, T, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, C)  # the last query sees all keys
+        if self.projection is not None:
+            y = self.projection(y)
+        if self.cfg.residual:
+            x = x[:, -1:] + y
+            x = x + self.feed_forward(x if self.norm2 is None else self.norm2(x))
+            if self.final_norm is not None:
+                x = self.final_norm(x)
+        else:
+            x = y if self.feed_forward is None else self.feed_forward(y)
+        return self.linear(x)[:, -1]
 
 
 def check_options(max_new_tokens: int, temperature: float, top_k: int | None, num_samples: int) -> None:
@@ -165,6 +172,7 @@ def _steps(
     was_training = model.training
     model.eval()
     next_character = NextCharacter(model)
+    noise = torch.empty(num_samples, V, device=prompt_ids.device)
     try:
         for n in range(P, P + max_new_tokens):
             logits = next_character(ids[:, max(0, n - T) : n])  # (B, V), the context cropped to T
@@ -175,7 +183,7 @@ def _steps(
                 kth = torch.topk(logits, top_k).values[:, -1:]  # (B, 1)
                 logits[logits < kth] = float("-inf")
             # Gumbel-max: argmax(logits - log E), E ~ Exp(1), samples softmax(logits) in fewer steps than multinomial
-            noise = torch.empty_like(logits).exponential_(generator=generator).log_()
+            noise.exponential_(generator=generator).log_()
             next_ids = (logits - noise).argmax(dim=-1, keepdim=True)  # (B, 1)
             ids[:, n : n + 1] = next_ids
             yield [vocabulary[i] for i in next_ids.view(-1).tolist()]
