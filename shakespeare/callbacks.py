@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from shakespeare.errors import UsageError
 from shakespeare.sampling import check_options, sample
 
 BEST_VAL_LOSS = "hp/best_val_loss"  # the metric TensorBoard's HParams tab sets the hyperparameters against
@@ -59,7 +60,8 @@ class EpochLine(L.Callback):
         console(trainer, line)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._session_start = time.perf_counter()
+        self._session_start = self._epoch_start = time.perf_counter()  # a run resumed mid-epoch skips epoch start
+        self._val_seconds, self._tokens = 0.0, 0
         self._elapsed_before = self.elapsed
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -273,3 +275,19 @@ class GenerationSample(L.Callback):
         if self.max_new_tokens == 0:
             return
         console(trainer, f"Generation:\n---------- Predict from empty input:\n{self.sample(module)}")
+
+
+class FiniteLoss(L.Callback):
+    """Stops the run at the first NaN or infinite training loss, naming the step, before any checkpoint
+    saves the broken weights (checkpoint callbacks run after this one)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None or torch.isfinite(loss):
+            return
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        raise UsageError(
+            f"The training loss became {float(loss)} at step {trainer.global_step} (epoch {trainer.current_epoch}), "
+            f"so training stopped: the weights are broken from there on. The checkpoints saved before it are kept "
+            f"(checkpoints/last.ckpt, best.ckpt). Lower the learning rate, e.g. optimizer.lr={lr / 10:g} (it was {lr:g})."
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -11,22 +12,72 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from shakespeare.callbacks import BEST_VAL_LOSS
+from shakespeare.callbacks import BEST_VAL_LOSS, ResearchLog
+from shakespeare.checkpoints import (
+    AtomicCheckpointIO,
+    InterruptCheckpoint,
+    check_resumable,
+    find_run,
+    read_checkpoint,
+    resume_checkpoint,
+    resume_command,
+)
+from shakespeare.config import check_config
 from shakespeare.cpu import keep_freed_memory, set_threads
-from shakespeare.errors import UsageError
+from shakespeare.errors import Interrupted, UsageError
 from shakespeare.module import ShakespeareModule
+from shakespeare.sweep import record_failure
 
 log = logging.getLogger("shakespeare")
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+
+# A resumed run (ckpt_path=last, a run folder or its checkpoint) continues in its own folder (hydra.run.dir),
+# with its Hydra record beside the original one (hydra.output_subdir); see conf/hydra/default.yaml.
+def resumed_run(ckpt_path: str | None, log_dir: str) -> Path | None:
+    try:
+        return find_run(ckpt_path, log_dir)
+    except UsageError:  # fit() raises it again, as a one-paragraph message instead of Hydra's traceback
+        return None
+
+
+OmegaConf.register_new_resolver(
+    "run_dir", lambda ckpt_path, log_dir, new: str(resumed_run(ckpt_path, log_dir) or new), use_cache=True, replace=True
+)
+OmegaConf.register_new_resolver(
+    "hydra_subdir",
+    lambda ckpt_path, log_dir, now: f".hydra/resumed-{now}" if resumed_run(ckpt_path, log_dir) else ".hydra",
+    use_cache=True,
+    replace=True,
+)
+
+
+def build(conf: DictConfig | dict, key: str = "", **kwargs):
+    """Hydra's `instantiate`, with a bad value refused by the class it builds shown as a UsageError naming
+    the config key instead of a traceback."""
+    try:
+        return instantiate(conf, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, UsageError):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
+            key = str(err).rsplit("full_key: ", 1)[-1].strip() if "full_key: " in str(err) else key
+            raise UsageError(
+                f"{key}: {conf.get('_target_')} refuses its settings ({type(cause).__name__}: {cause}). "
+                "Check those values (`python train.py --cfg job` prints them)."
+            ) from None
+        raise
 
 
 def check_accelerator(name: str) -> None:
@@ -42,7 +93,7 @@ def check_accelerator(name: str) -> None:
         )
 
 
-NOT_HYPERPARAMETERS = ("hydra", "paths", "logger", "ckpt_path", "callbacks", "data.url", "data.sha256", "data.cache_dir",
+NOT_HYPERPARAMETERS = ("hydra", "paths", "logger", "ckpt_path", "checkpoint", "callbacks", "data.url", "data.sha256", "data.cache_dir",
                        "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
@@ -76,15 +127,10 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     callbacks = []
     for name, conf in (cfg.get("callbacks") or {}).items():
         if name == "early_stopping" and conf.patience is None:
-            if conf.min_delta:
-                raise UsageError(
-                    f"callbacks.early_stopping.min_delta={conf.min_delta} is set but patience is null, so early "
-                    "stopping is off. Set callbacks.early_stopping.patience (epochs without improvement) too."
-                )
             continue
         if name == "progress_bar" and not cfg.trainer.enable_progress_bar:
             continue
-        callbacks.append(instantiate(conf))
+        callbacks.append(build(conf))
     return callbacks
 
 
@@ -106,15 +152,45 @@ def check_sweep_strategy(trainer: L.Trainer) -> None:
         )
 
 
+def run_overrides() -> list[str]:
+    """The command-line overrides of this run (empty outside Hydra, e.g. in tests composing configs)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def interrupted(trainer: L.Trainer, cfg: DictConfig) -> Interrupted | None:
+    """What to tell the user after SIGINT/SIGTERM stopped `trainer` (also the research log's note)."""
+    stop = next((c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint)), None)
+    if stop is None or stop.signal is None:
+        return None
+    run = Path(cfg.paths.output_dir)
+    last = run / "checkpoints" / "last.ckpt"
+    if stop.saved_step is not None:
+        saved = f"Saved {last} at step {stop.saved_step} (epoch {trainer.current_epoch})."
+    elif last.is_file():
+        saved = f"Nothing new was saved; {last} (step {read_checkpoint(last)['global_step']}) is kept."
+    else:
+        saved = "No training step had finished, so there is nothing to resume; start the run again."
+    resume = f" Resume with: {resume_command(run_overrides(), run)}" if last.is_file() else ""
+    message = f"Training interrupted by {stop.signal}. {saved}{resume}"
+    for research_log in (c for c in trainer.callbacks if isinstance(c, ResearchLog)):
+        research_log.mark("interrupted", message)
+    return Interrupted(message, 128 + getattr(signal, stop.signal))
+
+
 def fit(cfg: DictConfig) -> dict[str, float]:
     """Train one run as `cfg` describes and return its final metrics."""
+    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     check_accelerator(cfg.trainer.accelerator)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     set_threads(trainer_cfg.pop("threads", None))
     log.info("torch threads=%d", torch.get_num_threads())
     keep_freed_memory()
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg.data)
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.paths.log_dir)
+    checkpoint = read_checkpoint(ckpt_path) if ckpt_path else None
+    if checkpoint:
+        check_resumable(checkpoint, ckpt_path, cfg, datamodule.tokenizer.vocabulary)
     module = ShakespeareModule(
         vocabulary=datamodule.tokenizer.vocabulary,
         model=OmegaConf.to_container(cfg.model, resolve=True),
@@ -122,12 +198,22 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
     )
     log.info("model=%s", module.model)
-    loggers = [instantiate(conf) for conf in (cfg.get("logger") or {}).values()]
+    # a resumed run hides the steps logged after its checkpoint, so its curves continue without a fold
+    resumed = {"purge_step": checkpoint["global_step"]} if checkpoint else {}
+    loggers = [
+        build(conf, **(resumed if conf._target_.endswith("TensorBoardLogger") else {}))
+        for conf in (cfg.get("logger") or {}).values()
+    ]
     for logger in loggers:  # the HParams tab: these hyperparameters against the best validation loss so far
         logger.log_hyperparams(hyperparameters(cfg), metrics={BEST_VAL_LOSS: math.nan})
-    trainer = instantiate(trainer_cfg, callbacks=build_callbacks(cfg), logger=loggers)
+    trainer = build(trainer_cfg, "trainer", callbacks=build_callbacks(cfg), logger=loggers, plugins=[AtomicCheckpointIO()])
     check_sweep_strategy(trainer)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SystemExit:  # SIGTERM (Lightning's SIGTERMException) or a second Ctrl-C (Lightning's exit)
+        if (stop := interrupted(trainer, cfg)) is None:
+            raise
+        raise stop from None
     return {name: float(value) for name, value in trainer.callback_metrics.items()}
 
 
@@ -136,9 +222,15 @@ def train(cfg: DictConfig) -> float | None:
     """`python train.py`: returns the best epoch validation loss, the value Hydra's sweepers minimise."""
     try:
         metrics = fit(cfg)
-    except UsageError as err:
-        log.error("%s", err)
-        if HydraConfig.get().mode == RunMode.RUN:
+    except Interrupted as stop:  # a sweep stops too: the user asked for it
+        log.error("%s", stop)
+        sys.exit(stop.exit_code)
+    except Exception as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep goes on; SweepSummary reports it at the end
+            record_failure(err)
+            return float("nan")
+        if isinstance(err, UsageError):
+            log.error("%s", err)
             sys.exit(2)
         raise
     return metrics.get("val/loss_best")

@@ -103,6 +103,9 @@ class SlidingWindows:
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self.position, self._resuming = -1, 0, False
+        self._next_epoch: int | None = None
+        # Lightning treats it like a DataLoader without a batch sampler: it calls `sampler.set_epoch(epoch)`
+        self.sampler, self.batch_sampler = self, None
 
     def __len__(self) -> int:
         return math.ceil(len(self.starts) // self.world_size / self.batch_size)
@@ -115,9 +118,17 @@ class SlidingWindows:
         per_rank = len(order) // self.world_size  # equal shares keep DDP ranks in step
         return order[self.rank :: self.world_size][:per_rank]
 
+    def set_epoch(self, epoch: int) -> None:
+        """Name the epoch (and so the shuffle) of the next pass, as for a DistributedSampler. A pass resumed
+        from a checkpoint goes on only if the checkpoint is of this epoch; otherwise that epoch had ended."""
+        if self._resuming and epoch != self.epoch:
+            self._resuming = False
+        self._next_epoch = epoch
+
     def __iter__(self):
         if not self._resuming:
-            self.epoch, self.position = self.epoch + 1, 0
+            self.epoch = self.epoch + 1 if self._next_epoch is None else self._next_epoch
+            self.position, self._next_epoch = 0, None
         self._resuming = False
         order = self._order()
         while self.position < len(self):

@@ -19,6 +19,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from shakespeare.callbacks import BEST_VAL_LOSS, TOKENS_PER_SECOND, ResearchLog, epoch_line
 from shakespeare.cli import fit, hyperparameters
+from shakespeare.errors import Interrupted
 
 
 class FailAtEpoch(L.Callback):
@@ -82,9 +83,10 @@ def test_a_crashed_run_keeps_a_partial_entry_marked_failed(tiny_cfg):
 
 def test_ctrl_c_marks_the_entry_interrupted(tiny_cfg):
     cfg = tiny_cfg("trainer.max_epochs=3", *failing(1, "KeyboardInterrupt"))
-    with pytest.raises(SystemExit):  # Lightning's graceful shutdown on Ctrl+C exits
+    with pytest.raises(Interrupted):  # Lightning's graceful shutdown on Ctrl+C exits; fit says how to resume
         fit(cfg)
-    assert "Status: interrupted (KeyboardInterrupt)" in (Path(cfg.paths.output_dir) / "research_log.md").read_text()
+    text = (Path(cfg.paths.output_dir) / "research_log.md").read_text()
+    assert "Status: interrupted (Training interrupted by SIGINT. " in text and "Resume with: python train.py" in text
 
 
 def test_a_marked_interruption_survives_the_end_of_training(tiny_cfg):

@@ -1,0 +1,84 @@
+"""The composed config, checked once before anything is built: each mistake gets a message naming the key.
+
+The classes the config builds check their own arguments (GeneratorConfig the model's sizes and dropout,
+ShakespeareDataModule the data's sizes and the corpus); this adds what none of them sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from numbers import Real
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from shakespeare.errors import UsageError
+from shakespeare.model import GeneratorConfig
+
+
+def is_count(value: object, minimum: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise UsageError for the first bad value in `cfg`."""
+    known = {f.name for f in fields(GeneratorConfig)} - {"vocab_size"}
+    if unknown := sorted(set(cfg.model) - known):
+        raise UsageError(
+            f"model.{unknown[0]} is not a model setting (the model takes {', '.join(sorted(known))}). "
+            f"Remove +model.{unknown[0]} or fix its spelling."
+        )
+    check_optimizer(cfg.optimizer)
+    if not (is_count(cfg.trainer.max_epochs) or cfg.trainer.max_epochs == -1):
+        raise UsageError(
+            f"trainer.max_epochs={cfg.trainer.max_epochs!r} must be a whole number of at least 1 "
+            "(or -1: no limit, for early stopping to end the run)."
+        )
+    every = cfg.get("checkpoint", {}).get("every_n_steps")
+    if every is not None and not is_count(every):
+        raise UsageError(
+            f"checkpoint.every_n_steps={every!r} must be a whole number of at least 1: last.ckpt is rewritten "
+            "every that many training steps, so a crash loses at most that many."
+        )
+    check_early_stopping(cfg.get("callbacks", {}).get("early_stopping"))
+
+
+def check_optimizer(optimizer: DictConfig) -> None:
+    """A positive learning rate, and settings the optimizer accepts (built once on a dummy parameter)."""
+    lr = optimizer.get("lr")
+    if not isinstance(lr, Real) or isinstance(lr, bool) or not lr > 0:
+        raise UsageError(f"optimizer.lr={lr!r} must be a number above 0, e.g. optimizer.lr=0.001.")
+    try:
+        instantiate(optimizer, params=[torch.zeros(1, requires_grad=True)])
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise UsageError(
+            f"The optimizer ({optimizer.get('_target_')}) refuses its settings: {cause}. Check the optimizer.* "
+            "values (`python train.py --cfg job` prints them)."
+        ) from None
+
+
+def check_early_stopping(conf: DictConfig | None) -> None:
+    """`patience` switches early stopping on; `min_delta` only means something alongside it."""
+    if conf is None:
+        return
+    patience, min_delta = conf.get("patience"), conf.get("min_delta")
+    if patience is None:
+        if min_delta:
+            raise UsageError(
+                f"callbacks.early_stopping.min_delta={min_delta} is set but patience is null, so early "
+                "stopping is off. Set callbacks.early_stopping.patience (epochs without improvement) too."
+            )
+        return
+    if not is_count(patience):
+        raise UsageError(
+            f"callbacks.early_stopping.patience={patience!r} must be a whole number of at least 1 (epochs "
+            "without improvement before stopping), or null to never stop early."
+        )
+    if not isinstance(min_delta, Real) or isinstance(min_delta, bool) or min_delta < 0:
+        raise UsageError(
+            f"callbacks.early_stopping.min_delta={min_delta!r} must be a number of at least 0: the drop in "
+            "val/loss that counts as an improvement (0: any drop)."
+        )

@@ -1,0 +1,109 @@
+"""Nothing confusing: every bad config value, file or checkpoint stops the run before training with a message
+naming the key, the value and the fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from shakespeare.cli import fit
+from shakespeare.errors import UsageError
+from tests.conftest import ROOT, compose_train
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=multihead", "model.num_heads=5"], r"model.num_heads=5 does not divide model.embedding_size=32"),
+        (["model=head", "model.embedding_size=0"], r"model.embedding_size=0 must be a whole number of at least 1"),
+        (["model=block_norm_dropout", "model.dropout=1.0"], r"model.dropout=1.0 must lie in \[0, 1\)"),
+        (["model=block_norm_dropout", "model.dropout=-0.1"], r"model.dropout=-0.1 must lie in \[0, 1\)"),
+        (["optimizer.lr=0"], r"optimizer.lr=0 must be a number above 0"),
+        (["optimizer.lr=-0.001"], r"optimizer.lr=-0.001 must be a number above 0"),
+        (["+optimizer.betas=[1.5,0.9]"], r"The optimizer \(torch.optim.Adam\) refuses its settings: .*beta"),
+        (["data.batch_size=0"], r"data.batch_size=0 must be a whole number of at least 1"),
+        (["data.sequence_length=3000"], r"data.sequence_length=3000 is too long for .*validation split holds 2000"),
+        (["+model.head_size=4"], r"model.head_size is not a model setting \(the model takes attention, "),
+        (["trainer.max_epochs=0"], r"trainer.max_epochs=0 must be a whole number of at least 1"),
+        (["+trainer.precision=13"], r"trainer: lightning.pytorch.Trainer refuses its settings \(ValueError: .*13"),
+        (["data.split=halves"], r"data.split='halves' is not a split; choose one of contiguous, random_windows"),
+        (["checkpoint.every_n_steps=0"], r"checkpoint.every_n_steps=0 must be a whole number of at least 1"),
+        (["callbacks.early_stopping.min_delta=0.01"], r"min_delta=0.01 is set but patience is null"),
+        (["callbacks.early_stopping.patience=0"], r"callbacks.early_stopping.patience=0 must be a whole number"),
+        (["callbacks.early_stopping.patience=3", "callbacks.early_stopping.min_delta=-1"], r"min_delta=-1 must be a number of at least 0"),
+    ],
+)
+def test_bad_config_values_are_named_before_training(overrides, message, tiny_cfg):
+    cfg = tiny_cfg(*overrides)
+    with pytest.raises(UsageError, match=message):
+        fit(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()  # nothing started
+
+
+def test_unknown_rung_lists_the_available_ones(tmp_path):
+    with pytest.raises(MissingConfigException, match=r"(?s)Could not find 'model/transformer'.*bigram.*block_norm_dropout"):
+        compose_train(tmp_path, ["model=transformer"])
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigCompositionException, match=r"Could not override 'model.num_head'"):
+        compose_train(tmp_path, ["model.num_head=4"])
+
+
+def train_once(tiny_cfg, *overrides: str) -> Path:
+    cfg = tiny_cfg(*overrides)
+    fit(cfg)
+    return Path(cfg.paths.output_dir)
+
+
+def test_resuming_under_another_config_names_the_differences(tiny_cfg):
+    run = train_once(tiny_cfg, "model=multihead", "trainer.max_epochs=1")
+    with pytest.raises(UsageError, match=r"different configuration.*model.num_heads=8 \(the checkpoint has 4\); "
+                                         r"data.batch_size=64 \(the checkpoint has 32\)"):
+        fit(tiny_cfg("model=multihead", "trainer.max_epochs=2", "model.num_heads=8", "data.batch_size=64", f"ckpt_path={run}"))
+
+
+def test_resuming_a_finished_run_says_how_to_train_longer(tiny_cfg):
+    run = train_once(tiny_cfg, "trainer.max_epochs=1")
+    with pytest.raises(UsageError, match=r"already trained its 1 epochs.*trainer.max_epochs=2"):
+        fit(tiny_cfg("trainer.max_epochs=1", f"ckpt_path={run}"))
+    fit(tiny_cfg("trainer.max_epochs=2", f"ckpt_path={run}"))  # and raising max_epochs does it
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, r"ckpt_path='.*missing.ckpt' does not exist"),
+        (b"not a checkpoint", r"is not a readable training checkpoint \(UnpicklingError"),
+    ],
+)
+def test_bad_checkpoint_files_are_named(content, message, tiny_cfg, tmp_path):
+    path = tmp_path / "missing.ckpt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UsageError, match=message):
+        fit(tiny_cfg(f"ckpt_path={path}"))
+
+
+def test_ckpt_path_last_without_runs_says_what_it_looked_for(tiny_cfg, tmp_path):
+    with pytest.raises(UsageError, match="ckpt_path=last found no run to resume"):
+        fit(tiny_cfg("ckpt_path=last", f"paths.log_dir={tmp_path / 'nothing'}"))
+
+
+@pytest.mark.slow
+def test_bad_data_through_the_cli_is_one_paragraph_and_exit_2(tmp_path):
+    # (missing, empty, binary and too-short files: tests/test_data.py; this checks what the command shows)
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("ROMEO: caf\xe9\n".encode("latin-1"))
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), f"data.path={path}"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out[-3000:]
+    [line] = [line for line in out.splitlines() if "[ERROR]" in line]
+    assert f"data.path={str(path)!r} is not UTF-8 text (byte 10 cannot be decoded)" in line
+    assert "Traceback" not in out

@@ -1,0 +1,202 @@
+"""Nothing lost: SIGTERM, Ctrl-C and kill -9 mid-run, exact resumption, NaN losses, failing sweep jobs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shakespeare.checkpoints import AtomicCheckpointIO
+from shakespeare.cli import fit
+from shakespeare.data import SlidingWindows
+from shakespeare.errors import Interrupted, UsageError
+from tests.conftest import ROOT, compose_train, write_corpus
+
+# 3 epochs of 6 steps with dropout (so the random state matters), last.ckpt every 4 steps
+RUN = [
+    "model=block_norm_dropout",
+    "data.batch_size=32",
+    "trainer.max_epochs=3",
+    "trainer.limit_train_batches=6",
+    "trainer.limit_val_batches=2",
+    "trainer.enable_progress_bar=false",
+    "checkpoint.every_n_steps=4",
+]
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, weights_only=True)["state_dict"]
+
+
+def final_val_loss(checkpoint: Path) -> float:
+    """The last epoch's val/loss: best.ckpt's score (the loss falls every epoch in these short runs)."""
+    states = torch.load(checkpoint, weights_only=True)["callbacks"]
+    return float(next(s["best_model_score"] for key, s in states.items() if "'monitor': 'val/loss'" in key))
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    """Same epochs, same final weights, same final validation loss (1e-4) as the uninterrupted run."""
+    got, want = torch.load(resumed / "last.ckpt", weights_only=True), torch.load(reference / "last.ckpt", weights_only=True)
+    assert (got["epoch"], got["global_step"]) == (want["epoch"], want["global_step"])
+    for name, tensor in want["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][name], tensor, rtol=0, atol=1e-6)
+    assert abs(final_val_loss(resumed / "best.ckpt") - final_val_loss(reference / "best.ckpt")) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def corpus_and_reference(tmp_path_factory) -> tuple[Path, Path]:
+    """A corpus and the checkpoints folder of the uninterrupted run on it."""
+    tmp = tmp_path_factory.mktemp("reference")
+    corpus = write_corpus(tmp / "corpus.txt")
+    fit(compose_train(tmp / "run", [f"data.path={corpus}", *RUN]))
+    return corpus, tmp / "run" / "checkpoints"
+
+
+def start_train(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+
+
+def wait_for(proc: subprocess.Popen, marker: str) -> str:
+    """Read the run's output up to the line containing `marker` (the run pauses there)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    proc.wait()
+    raise AssertionError(f"the run ended (rc {proc.returncode}) before printing {marker!r}:\n{''.join(seen)[-3000:]}")
+
+
+def run_folders(cwd: Path) -> list[Path]:
+    return sorted(p.parent.parent for p in (cwd / "outputs").glob("*/*/checkpoints/last.ckpt"))
+
+
+def assert_interrupted(out: str, run: Path, sig: signal.Signals, step: int, epoch: int, corpus: Path) -> None:
+    """The checkpoint holds the step; the message and the research log say so and how to resume."""
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
+    assert f"Training interrupted by {sig.name}. Saved {run / 'checkpoints' / 'last.ckpt'} at step {step} (epoch {epoch})." in out
+    assert f"Resume with: python train.py data.path={corpus} " in out and f"ckpt_path={run}" in out
+    assert "Traceback" not in out
+    assert f"Status: interrupted (Training interrupted by {sig.name}." in (run / "research_log.md").read_text()
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, corpus):
+    proc = start_train([f"data.path={corpus}", *RUN, "+callbacks.pause._target_=tests.probes.PauseAt",
+                        "+callbacks.pause.step=7"], tmp_path)
+    wait_for(proc, "paused at step 7")
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out[-3000:]
+    [run] = run_folders(tmp_path)
+    assert_interrupted(out, run, signal.SIGINT, step=7, epoch=1, corpus=corpus)
+
+
+@pytest.mark.slow
+def test_sigterm_then_ckpt_path_last_continues_the_same_run_exactly(tmp_path, corpus_and_reference):
+    corpus, reference = corpus_and_reference
+    args = [f"data.path={corpus}", *RUN]
+    proc = start_train([*args, "+callbacks.pause._target_=tests.probes.PauseAt", "+callbacks.pause.step=9"], tmp_path)
+    wait_for(proc, "paused at step 9")
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, out[-3000:]
+    [run] = run_folders(tmp_path)
+    assert_interrupted(out, run, signal.SIGTERM, step=9, epoch=1, corpus=corpus)
+    original = (run / ".hydra" / "overrides.yaml").read_text()
+
+    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "ckpt_path=last"], cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert run_folders(tmp_path) == [run]  # no new run folder: the same one continues
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2  # one TensorBoard run, one events file per session
+    assert (run / ".hydra" / "overrides.yaml").read_text() == original and list(run.glob(".hydra/resumed-*/config.yaml"))
+    assert "Status: finished" in (run / "research_log.md").read_text()
+    assert_same_run(run / "checkpoints", reference)
+
+
+@pytest.mark.slow
+def test_kill_9_loses_at_most_every_n_steps_and_the_run_folder_resumes_exactly(tmp_path, corpus_and_reference):
+    corpus, reference = corpus_and_reference
+    args = [f"data.path={corpus}", *RUN]
+    proc = start_train([*args, "+callbacks.pause._target_=tests.probes.PauseAt", "+callbacks.pause.step=11"], tmp_path)
+    wait_for(proc, "paused at step 11")
+    proc.kill()
+    proc.communicate(timeout=60)
+    [run] = run_folders(tmp_path)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8  # 11 - 8 < 4 lost
+
+    fit(compose_train(run, [*args, f"ckpt_path={run}"]))
+    assert_same_run(run / "checkpoints", reference)
+
+
+@pytest.mark.slow
+def test_sigterm_during_validation_resumes_with_the_next_epoch(tmp_path, corpus_and_reference):
+    # SIGTERM after an epoch's last step stops the validation that follows: the next epoch must start afresh
+    corpus, reference = corpus_and_reference
+    args = [f"data.path={corpus}", *RUN]
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted, match="Saved .* at step 6 "):
+        fit(compose_train(run, [*args, "+callbacks.stop._target_=tests.probes.SignalAt", "+callbacks.stop.step=6"]))
+    fit(compose_train(run, [*args, f"ckpt_path={run}"]))
+    assert_same_run(run / "checkpoints", reference)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tiny_cfg):
+    cfg = tiny_cfg("trainer.max_epochs=2", "checkpoint.every_n_steps=2", "+callbacks.poison._target_=tests.probes.PoisonAt",
+                   "+callbacks.poison.step=8")
+    with pytest.raises(UsageError, match=r"The training loss became nan at step 8 \(epoch 1\).*optimizer.lr=0.0001 \(it was 0.001\)"):
+        fit(cfg)
+    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6 and all(torch.isfinite(t).all() for t in last["state_dict"].values())
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+
+    def crash(obj, f):  # the process dies halfway through writing the next checkpoint
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, target)
+    assert torch.load(target, weights_only=True) == {"step": 1}
+
+
+def test_windows_resume_only_within_their_epoch():
+    windows = SlidingWindows(torch.arange(100), torch.arange(90), sequence_length=4, batch_size=10, shuffle=True)
+    windows.set_epoch(0)
+    first = [x[0, 0].item() for x, _ in windows]
+    windows.load_state_dict({"epoch": 0, "position": 3})
+    windows.set_epoch(0)  # Lightning resumes epoch 0: the remaining batches
+    assert [x[0, 0].item() for x, _ in windows] == first[3:]
+    windows.load_state_dict({"epoch": 0, "position": 3})
+    windows.set_epoch(1)  # epoch 0 had ended (e.g. limit_train_batches): epoch 1 from its start
+    assert len(list(windows)) == 9 and windows.epoch == 1
+
+
+@pytest.mark.slow
+def test_a_failing_sweep_job_is_reported_and_the_others_keep_their_results(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    args = ["-m", "model=multihead", "model.num_heads=3,4", f"data.path={corpus}", "data.batch_size=32",
+            "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out[-3000:]
+    jobs = sorted(p for p in (tmp_path / "outputs" / "multiruns").glob("*/*/*") if p.is_dir())
+    assert [(p / "checkpoints" / "last.ckpt").exists() for p in jobs] == [False, True]  # the failure came first
+    assert "1 of 2 sweep jobs failed (the others finished and kept their results):" in out
+    assert f"{jobs[0].name}: model.num_heads=3 does not divide model.embedding_size=32" in out
+    assert "Traceback" not in out
