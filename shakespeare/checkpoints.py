@@ -132,15 +132,16 @@ def find_run(ckpt_path: str | None, log_dir: str) -> Path | None:
 
 
 def resume_checkpoint(ckpt_path: str | None, output_dir: str, log_dir: str) -> Path | None:
-    """The checkpoint file `ckpt_path` stands for; for a run folder or `last` (already this run's
-    `output_dir`, see `find_run`) its last.ckpt."""
+    """The checkpoint file `ckpt_path` stands for: a file as is; a run folder's last.ckpt; for `last`, the
+    last.ckpt of the run Hydra's `run_dir` resolver picked as this run's `output_dir`."""
     if ckpt_path is None:
         return None
-    find_run(ckpt_path, log_dir)  # a missing path, or no run to resume: a clear error
+    run = find_run(ckpt_path, log_dir)  # a missing path, or no run to resume: a clear error
     path = Path(ckpt_path).expanduser()
-    if ckpt_path == "last" or path.is_dir():
-        return Path(output_dir) / "checkpoints" / LAST
-    return path
+    if ckpt_path == "last":
+        own = Path(output_dir) / "checkpoints" / LAST
+        return own if own.is_file() else run / "checkpoints" / LAST
+    return path / "checkpoints" / LAST if path.is_dir() else path
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -154,8 +155,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a torch file, or not plain data
         raise UsageError(
-            f"ckpt_path: {str(path)!r} is not a readable training checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else 'no details'}). Pass a .ckpt written by train.py."
+            f"ckpt_path: {str(path)!r} is not a readable training checkpoint: it is truncated, or not a file "
+            f"written by train.py ({type(err).__name__}). Pass a .ckpt from a run's checkpoints/ folder."
         ) from None
     if not isinstance(checkpoint, dict) or "loops" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise UsageError(

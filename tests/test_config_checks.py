@@ -79,7 +79,7 @@ def test_resuming_a_finished_run_says_how_to_train_longer(tiny_cfg):
     "content, message",
     [
         (None, r"ckpt_path='.*missing.ckpt' does not exist"),
-        (b"not a checkpoint", r"is not a readable training checkpoint \(UnpicklingError"),
+        (b"not a checkpoint", r"is not a readable training checkpoint: it is truncated, or not a file written by train.py \(UnpicklingError\)"),
     ],
 )
 def test_bad_checkpoint_files_are_named(content, message, tiny_cfg, tmp_path):
