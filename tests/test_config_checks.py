@@ -30,7 +30,7 @@ from tests.conftest import ROOT, compose_train
         (["data.sequence_length=3000"], r"data.sequence_length=3000 is too long for .*validation split holds 2000"),
         (["+model.head_size=4"], r"model.head_size is not a model setting \(the model takes attention, "),
         (["trainer.max_epochs=0"], r"trainer.max_epochs=0 must be a whole number of at least 1"),
-        (["+trainer.precision=13"], r"trainer: lightning.pytorch.Trainer refuses its settings \(ValueError: .*13"),
+        (["trainer.precision=13"], r"trainer: lightning.pytorch.Trainer refuses its settings \(ValueError: .*13"),
         (["data.split=halves"], r"data.split='halves' is not a split; choose one of contiguous, random_windows"),
         (["checkpoint.every_n_steps=0"], r"checkpoint.every_n_steps=0 must be a whole number of at least 1"),
         (["callbacks.early_stopping.min_delta=0.01"], r"min_delta=0.01 is set but patience is null"),
