@@ -228,7 +228,7 @@ def train(cfg: DictConfig) -> float | None:
     except Exception as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep goes on; SweepSummary reports it at the end
             record_failure(err)
-            return float("nan")
+            return None  # no value: Optuna records a failed trial and searches on (a NaN crashes its sweeper)
         if isinstance(err, UsageError):
             log.error("%s", err)
             sys.exit(2)

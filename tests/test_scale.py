@@ -148,3 +148,14 @@ def test_optuna_search_reports_its_best_trial(tmp_path, corpus):
     best = yaml.safe_load(results.read_text())
     assert best["best_value"] == pytest.approx(min(best_val_loss(trial) for trial in trials), abs=1e-6)
     assert set(best["best_params"]) == {"optimizer.lr", "model.embedding_size", "model.num_heads", "model.dropout"}
+
+
+@pytest.mark.slow
+def test_optuna_search_goes_on_past_a_failed_trial(tmp_path, corpus):
+    # num_heads=3 divides no embedding size: every such trial fails, the others train
+    result = run_train(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "model.num_heads=choice(3,4)",
+                        *tiny(corpus)], tmp_path)
+    trials = [job for job in sweep_jobs(tmp_path) if (job / "checkpoints").exists()]
+    failed = [job for job in sweep_jobs(tmp_path) if (job / "failure.txt").exists()]
+    assert len(trials) + len(failed) == 3 and trials and failed, result.stderr[-3000:]
+    assert "Best value: " in result.stdout + result.stderr and result.returncode == 1  # 1: the sweep summary
