@@ -214,11 +214,18 @@ def check_resumable(checkpoint: dict[str, Any], path: Path, cfg: DictConfig, voc
             f"{'; '.join(changed)}. {hint}."
         )
     done = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
-    if cfg.trainer.max_epochs != -1 and done >= cfg.trainer.max_epochs:
+    if cfg.trainer.max_epochs not in (None, -1) and done >= cfg.trainer.max_epochs:
         raise UsageError(
             f"ckpt_path: {str(path)!r} already trained its {done} epochs (trainer.max_epochs={cfg.trainer.max_epochs}), "
             f"so there is nothing to resume. To train it longer, raise trainer.max_epochs, e.g. "
             f"trainer.max_epochs={done * 2}."
+        )
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if max_steps not in (None, -1) and checkpoint["global_step"] >= max_steps:
+        raise UsageError(
+            f"ckpt_path: {str(path)!r} already trained its {checkpoint['global_step']} steps "
+            f"(trainer.max_steps={max_steps}), so there is nothing to resume. To train it longer, raise "
+            f"trainer.max_steps, e.g. trainer.max_steps={max_steps * 2}."
         )
     stopped = [s["stopped_epoch"] for k, s in checkpoint.get("callbacks", {}).items() if k.startswith("EarlyStopping")]
     if stopped and stopped[0]:

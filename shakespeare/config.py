@@ -31,18 +31,20 @@ def check_config(cfg: DictConfig) -> None:
             f"Remove +model.{unknown[0]} or fix its spelling."
         )
     check_optimizer(cfg.optimizer)
-    if not (is_count(cfg.trainer.max_epochs) or cfg.trainer.max_epochs == -1):
-        raise UsageError(
-            f"trainer.max_epochs={cfg.trainer.max_epochs!r} must be a whole number of at least 1 "
-            "(or -1: no limit, for early stopping to end the run)."
-        )
-    every = cfg.get("checkpoint", {}).get("every_n_steps")
+    for key in ("max_epochs", "max_steps"):
+        value = cfg.trainer.get(key)
+        if not (value is None or value == -1 or is_count(value)):
+            raise UsageError(
+                f"trainer.{key}={value!r} must be a whole number of at least 1 (or -1: no limit, for another "
+                "limit or early stopping to end the run)."
+            )
+    every = (cfg.get("checkpoint") or {}).get("every_n_steps")
     if every is not None and not is_count(every):
         raise UsageError(
             f"checkpoint.every_n_steps={every!r} must be a whole number of at least 1: last.ckpt is rewritten "
             "every that many training steps, so a crash loses at most that many."
         )
-    check_early_stopping(cfg.get("callbacks", {}).get("early_stopping"))
+    check_early_stopping((cfg.get("callbacks") or {}).get("early_stopping"))
 
 
 def check_optimizer(optimizer: DictConfig) -> None:

@@ -30,6 +30,7 @@ from tests.conftest import ROOT, compose_train
         (["data.sequence_length=3000"], r"data.sequence_length=3000 is too long for .*validation split holds 2000"),
         (["+model.head_size=4"], r"model.head_size is not a model setting \(the model takes attention, "),
         (["trainer.max_epochs=0"], r"trainer.max_epochs=0 must be a whole number of at least 1"),
+        (["trainer.max_steps=0"], r"trainer.max_steps=0 must be a whole number of at least 1 \(or -1: no limit"),
         (["trainer.precision=13"], r"trainer: lightning.pytorch.Trainer refuses its settings \(ValueError: .*13"),
         (["data.split=halves"], r"data.split='halves' is not a split; choose one of contiguous, random_windows"),
         (["checkpoint.every_n_steps=0"], r"checkpoint.every_n_steps=0 must be a whole number of at least 1"),
@@ -72,6 +73,8 @@ def test_resuming_a_finished_run_says_how_to_train_longer(tiny_cfg):
     run = train_once(tiny_cfg, "trainer.max_epochs=1")
     with pytest.raises(UsageError, match=r"already trained its 1 epochs.*trainer.max_epochs=2"):
         fit(tiny_cfg("trainer.max_epochs=1", f"ckpt_path={run}"))
+    with pytest.raises(UsageError, match=r"already trained its 5 steps \(trainer.max_steps=5\).*trainer.max_steps=10"):
+        fit(tiny_cfg("trainer.max_epochs=-1", "trainer.max_steps=5", f"ckpt_path={run}"))
     fit(tiny_cfg("trainer.max_epochs=2", f"ckpt_path={run}"))  # and raising max_epochs does it
 
 

@@ -200,3 +200,20 @@ def test_a_failing_sweep_job_is_reported_and_the_others_keep_their_results(tmp_p
     assert "1 of 2 sweep jobs failed (the others finished and kept their results):" in out
     assert f"{jobs[0].name}: model.num_heads=3 does not divide model.embedding_size=32" in out
     assert "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_step_budget_with_scheduler_and_mid_epoch_validation_resumes_exactly(tmp_path, corpus):
+    # SIGTERM at step 8 lands in the validation that runs every 4 steps; the warm-up/cosine schedule goes on
+    args = [f"data.path={corpus}", *RUN, "trainer.max_epochs=-1", "trainer.max_steps=20", "trainer.val_check_interval=4",
+            "scheduler=warmup_cosine", "scheduler.warmup_steps=5"]
+    fit(compose_train(tmp_path / "reference", args))
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted, match="Saved .* at step 8 "):
+        fit(compose_train(run, [*args, "+callbacks.stop._target_=tests.probes.SignalAt", "+callbacks.stop.step=8"]))
+    fit(compose_train(run, [*args, f"ckpt_path={run}"]))
+    got = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    want = torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert got["global_step"] == want["global_step"] == 20
+    for name, tensor in want["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][name], tensor, rtol=0, atol=1e-6)
