@@ -94,7 +94,7 @@ def interleaved(variants: dict, repeats: int, steps: int) -> dict[str, float]:
 def target_fused(args) -> None:
     print("\n1. Fused attention (one q/k/v Linear + scaled_dot_product_attention) vs the log's per-head modules,")
     print("   training step at data.batch_size=1024; target >= 1.10x at every rung from multihead up")
-    for rung in RUNGS:
+    for rung in args.rungs.split(","):
         steps = 1 if rung == "scale_up" else 10
         ms = interleaved({"per-head": Step([f"model={rung}"]), "fused": Step([f"model={rung}", "model.fused_attention=true"])},
                          args.repeats, steps)
@@ -237,6 +237,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(TARGETS), help="comma-separated targets")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rungs", default=",".join(RUNGS), help="comma-separated rungs for the fused target")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (trainer.threads)")
     parser.add_argument("--framework-batches", type=int, default=300)
     parser.add_argument("--framework-repeats", type=int, default=3)
@@ -247,7 +248,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.worker:
         return worker(overrides, args.keep, args.steps)
-    keep_freed_memory() if "allocator" not in args.only else None
+    keep_freed_memory()  # as train.py does; the allocator target compares in fresh processes
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs, load average {load:.2f}")
     for name in args.only.split(","):
