@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from shakespeare.errors import UsageError
 from shakespeare.sampling import check_options, sample
@@ -200,9 +201,11 @@ class ResearchLog(EpochLine):
 
     @rank_zero_only
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
-            self.mark("interrupted", "KeyboardInterrupt")
-        elif self.status == "running":
+        if self.status != "running":  # already marked, e.g. by a signal handler
+            return
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            self.mark("interrupted", type(exception).__name__)
+        else:
             self.mark("failed", "".join(traceback.format_exception_only(exception)).strip())
 
     def state_dict(self) -> dict:

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -30,7 +31,8 @@ class FailAtEpoch(L.Callback):
 
     def on_train_epoch_start(self, trainer, module) -> None:
         if trainer.current_epoch == self.epoch:
-            raise KeyboardInterrupt() if self.error == "KeyboardInterrupt" else RuntimeError("disk on fire")
+            errors = {"KeyboardInterrupt": KeyboardInterrupt, "SIGTERMException": SIGTERMException}
+            raise errors.get(self.error, lambda: RuntimeError("disk on fire"))()
 
 
 class MarkInterrupted(L.Callback):
@@ -87,6 +89,13 @@ def test_ctrl_c_marks_the_entry_interrupted(tiny_cfg):
         fit(cfg)
     text = (Path(cfg.paths.output_dir) / "research_log.md").read_text()
     assert "Status: interrupted (Training interrupted by SIGINT. " in text and "Resume with: python train.py" in text
+
+
+def test_sigterm_marks_the_entry_interrupted(tiny_cfg):
+    cfg = tiny_cfg("trainer.max_epochs=3", *failing(1, "SIGTERMException"))
+    with pytest.raises(Interrupted):
+        fit(cfg)
+    assert "Status: interrupted (Training interrupted by SIGTERM. " in (Path(cfg.paths.output_dir) / "research_log.md").read_text()
 
 
 def test_a_marked_interruption_survives_the_end_of_training(tiny_cfg):
