@@ -14,7 +14,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from shakespeare.checkpoint import load_generator
+from shakespeare.loading import load_generator
 from shakespeare.errors import UsageError
 from shakespeare.sampling import check_options, stream
 

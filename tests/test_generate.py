@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from shakespeare.callbacks import GenerationSample
-from shakespeare.checkpoint import load_generator
+from shakespeare.loading import load_generator
 from shakespeare.cli import fit
 from shakespeare.generation import CONFIG_DIR, write_samples
 from shakespeare.errors import UsageError
