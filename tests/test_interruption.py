@@ -89,15 +89,21 @@ def assert_interrupted(out: str, run: Path, sig: signal.Signals, step: int, epoc
     assert f"Status: interrupted (Training interrupted by {sig.name}." in (run / "research_log.md").read_text()
 
 
+def interrupt_at(step: int, sig: signal.Signals, args: list[str], tmp_path):
+    """Start a run, send `sig` once it pauses at `step`, and return its output and its run folder."""
+    proc = start_train([*args, "+callbacks.pause._target_=tests.probes.PauseAt", f"+callbacks.pause.step={step}"], tmp_path)
+    wait_for(proc, f"paused at step {step}")
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + sig, out[-3000:]
+    [run] = run_folders(tmp_path)
+    return out, run
+
+
 @pytest.mark.slow
 def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, corpus):
-    proc = start_train([f"data.path={corpus}", *RUN, "+callbacks.pause._target_=tests.probes.PauseAt",
-                        "+callbacks.pause.step=7"], tmp_path)
-    wait_for(proc, "paused at step 7")
-    proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, out[-3000:]
-    [run] = run_folders(tmp_path)
+    out, run = interrupt_at(7, signal.SIGINT, [f"data.path={corpus}", *RUN], tmp_path)
+    assert run_folders(tmp_path) == [run]
     assert_interrupted(out, run, signal.SIGINT, step=7, epoch=1, corpus=corpus)
 
 
@@ -105,12 +111,7 @@ def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, corpus)
 def test_sigterm_then_ckpt_path_last_continues_the_same_run_exactly(tmp_path, corpus_and_reference):
     corpus, reference = corpus_and_reference
     args = [f"data.path={corpus}", *RUN]
-    proc = start_train([*args, "+callbacks.pause._target_=tests.probes.PauseAt", "+callbacks.pause.step=9"], tmp_path)
-    wait_for(proc, "paused at step 9")
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 143, out[-3000:]
-    [run] = run_folders(tmp_path)
+    out, run = interrupt_at(9, signal.SIGTERM, args, tmp_path)
     assert_interrupted(out, run, signal.SIGTERM, step=9, epoch=1, corpus=corpus)
     original = (run / ".hydra" / "overrides.yaml").read_text()
 
