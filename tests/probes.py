@@ -47,3 +47,22 @@ class SignalAt(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step == self.step:
             signal.raise_signal(signal.SIGTERM)
+
+
+class ScriptedValLoss(L.Callback):
+    """Makes the i-th validation's loss `losses[i]` (the last one repeats), so a test controls the trajectory
+    that early stopping, checkpoints and the best-loss bookkeeping see: the same numbers on any CPU."""
+
+    def __init__(self, losses: list[float]):
+        self.losses, self.validations = list(losses), 0
+
+    def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = torch.tensor(float(self.losses[min(self.validations, len(self.losses) - 1)]))
+        module.model.loss = lambda idx, targets: value  # shadows the method for this validation only
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            del module.model.loss
+            self.validations += 1

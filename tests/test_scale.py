@@ -47,10 +47,11 @@ def one_thread_each(monkeypatch):
 
 
 def test_the_best_validation_loss_is_returned_not_the_last(tiny_cfg, capsys):
-    metrics = fit(tiny_cfg("model=multihead", "trainer.max_epochs=4", "optimizer.lr=0.3"))  # overshoots at the end
+    scripted = ["+callbacks.script._target_=tests.probes.ScriptedValLoss", "+callbacks.script.losses=[2.5,2.0,2.25,2.75]"]
+    metrics = fit(tiny_cfg("model=multihead", "trainer.max_epochs=4", *scripted))
     epochs = [float(v) for v in re.findall(r"Eval loss \t([\d.]+)", capsys.readouterr().out)]
-    assert len(epochs) == 4 and epochs[-1] > min(epochs)
-    assert metrics["val/loss_best"] == pytest.approx(min(epochs), abs=1e-4)
+    assert epochs == [2.5, 2.0, 2.25, 2.75]
+    assert metrics["val/loss_best"] == pytest.approx(2.0) and metrics["val/loss"] == pytest.approx(2.75)
 
 
 def test_threads_follow_omp_num_threads_which_joblib_divides_between_jobs(tmp_path, monkeypatch):

@@ -37,10 +37,12 @@ def test_training_lowers_the_loss(tiny_cfg):
 
 
 def test_early_stopping_stops(tiny_cfg, capsys):
-    # five small steps never improve the loss by a whole nat, so patience 1 stops after epoch 1
-    fit(tiny_cfg("trainer.max_epochs=10", "callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=1.0"))
+    # the best loss is epoch 1's; epochs 2 and 3 improve on it by less than min_delta, so patience 2 stops there
+    losses = "+callbacks.script.losses=[3.0,2.5,2.45,2.6,2.0]"
+    fit(tiny_cfg("model=bigram", "trainer.max_epochs=10", "callbacks.early_stopping.patience=2",
+                 "callbacks.early_stopping.min_delta=0.1", "+callbacks.script._target_=tests.probes.ScriptedValLoss", losses))
     out = capsys.readouterr().out
-    assert "1/10 -- " in out and "2/10 -- " not in out
+    assert "3/10 -- " in out and "4/10 -- " not in out
 
 
 def test_min_delta_without_patience_is_refused(tiny_cfg):
