@@ -30,15 +30,13 @@ from shakespeare.checkpoints import (
     resume_checkpoint,
     resume_command,
 )
-from shakespeare.config import check_config
+from shakespeare.config import CONFIG_DIR, check_config, run_overrides
 from shakespeare.cpu import keep_freed_memory, set_threads
 from shakespeare.errors import Interrupted, UsageError
 from shakespeare.module import ShakespeareModule
 from shakespeare.sweep import record_failure
 
 log = logging.getLogger("shakespeare")
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 
@@ -150,11 +148,6 @@ def check_sweep_strategy(trainer: L.Trainer) -> None:
             "sweeps use trainer=ddp_spawn (the same training, processes started by Python's multiprocessing), "
             "or a launcher that starts one process per device itself (hydra/launcher=submitit_slurm)."
         )
-
-
-def run_overrides() -> list[str]:
-    """The command-line overrides of this run (empty outside Hydra, e.g. in tests composing configs)."""
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def interrupted(trainer: L.Trainer, cfg: DictConfig) -> Interrupted | None:

@@ -6,16 +6,31 @@ ShakespeareDataModule the data's sizes and the corpus); this adds what none of t
 
 from __future__ import annotations
 
+import warnings
+from contextlib import nullcontext
 from dataclasses import fields
+from functools import cache
 from numbers import Real
+from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from shakespeare.errors import UsageError
 from shakespeare.model import GeneratorConfig
+
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def run_overrides() -> list[str]:
+    """The command-line overrides of this run (empty outside Hydra, e.g. in tests composing configs)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def is_count(value: object, minimum: int = 1) -> bool:
@@ -30,6 +45,7 @@ def check_config(cfg: DictConfig) -> None:
             f"model.{unknown[0]} is not a model setting (the model takes {', '.join(sorted(known))}). "
             f"Remove +model.{unknown[0]} or fix its spelling."
         )
+    check_rung_settings(cfg.model, run_overrides())
     check_optimizer(cfg.optimizer)
     for key in ("max_epochs", "max_steps"):
         value = cfg.trainer.get(key)
@@ -45,6 +61,35 @@ def check_config(cfg: DictConfig) -> None:
             "every that many training steps, so a crash loses at most that many."
         )
     check_early_stopping((cfg.get("callbacks") or {}).get("early_stopping"))
+
+
+@cache
+def rungs() -> dict[str, GeneratorConfig]:
+    """Every rung in conf/model/, in ladder order (each reads more settings than the one before)."""
+    hydra = GlobalHydra.instance()
+    with nullcontext() if hydra.is_initialized() else initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        names = GlobalHydra.instance().config_loader().get_group_options("model")
+        with warnings.catch_warnings():  # a group's file composed on its own: Hydra asks for _self_ in it
+            warnings.simplefilter("ignore", UserWarning)
+            models = {name: OmegaConf.to_container(compose(f"model/{name}").model) for name in names}
+    built = {name: GeneratorConfig(vocab_size=2, **{**model, "sequence_length": 1}) for name, model in models.items()}
+    return dict(sorted(built.items(), key=lambda item: -len(item[1].unused())))
+
+
+def check_rung_settings(model: DictConfig, overrides: list[str]) -> None:
+    """Refuse a model key set on the command line that the chosen rung never reads (`model.num_heads` on
+    the bigram would train the same model under another name), naming the rungs that read it."""
+    settings = OmegaConf.to_container(model, resolve=True)
+    unused = GeneratorConfig(vocab_size=2, **settings).unused()
+    for key in (override.split("=", 1)[0].lstrip("+~") for override in overrides):
+        if key.startswith("model.") and (name := key.removeprefix("model.")) in unused:
+            readers = [rung for rung, rung_model in rungs().items() if name not in rung_model.unused()]
+            raise UsageError(
+                f"{key}={settings[name]!r} does nothing on the {settings['name']} rung: its model has no part that "
+                f"reads {name}, so this run would train the same model as without it. The rungs that read it: "
+                f"{', '.join(readers)}. Pick one of them (e.g. model={readers[-1]} {key}={settings[name]}) or "
+                f"drop {key}."
+            )
 
 
 def check_optimizer(optimizer: DictConfig) -> None:

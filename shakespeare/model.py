@@ -63,6 +63,27 @@ class GeneratorConfig:
         if self.residual and self.attention != "multihead":
             raise UsageError(f"model.residual=true needs model.attention=multihead, got {self.attention!r}.")
 
+    def unused(self) -> set[str]:
+        """The settings this model never reads, because it lacks the part that would (num_heads on the bigram).
+
+        The structural keys (attention, feed_forward, residual, layer_norm, dropout) switch parts on and so
+        turn one rung into another; they are unused only where the part they switch on cannot exist.
+        """
+        attention, blocks = self.attention != "none", self.residual
+        reads = {
+            "embedding_size": attention,
+            "dropout": attention,
+            "attention_dropout": attention,
+            "fused_attention": attention,
+            "residual": attention,
+            "num_heads": self.attention == "multihead",
+            "feed_forward": attention and not blocks,  # every Block has its own feed-forward
+            "layer_norm": blocks,
+            "num_blocks": blocks,
+            "feed_forward_size": blocks,
+        }
+        return {key for key, read in reads.items() if not read}
+
 
 def maybe_dropout(p: float) -> nn.Dropout | None:
     """Rungs without dropout have no Dropout module at all, so their printed tree matches the log."""

@@ -46,10 +46,13 @@ def compose_train(output_dir: Path, overrides: list[str] = ()) -> DictConfig:
 
 @pytest.fixture
 def tiny_cfg(tmp_path: Path, corpus: Path):
-    """A factory for quick configs: the small corpus, small batches, one short epoch."""
+    """A factory for quick configs: the small corpus, small batches, one short epoch, the bigram unless a
+    `model=` override names another rung."""
 
     def make(*overrides: str) -> DictConfig:
+        rung = [] if any(o.startswith("model=") for o in overrides) else ["model=bigram"]
         base = [
+            *rung,
             f"data.path={corpus}",
             "data.batch_size=32",
             "trainer.max_epochs=1",

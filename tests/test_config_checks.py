@@ -12,6 +12,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from shakespeare.cli import fit
+from shakespeare.config import check_config
 from shakespeare.errors import UsageError
 from tests.conftest import ROOT, compose_train
 
@@ -110,3 +111,36 @@ def test_bad_data_through_the_cli_is_one_paragraph_and_exit_2(tmp_path):
     [line] = [line for line in out.splitlines() if "[ERROR]" in line]
     assert f"data.path={str(path)!r} is not UTF-8 text (byte 10 cannot be decoded)" in line
     assert "Traceback" not in out
+
+
+def test_the_default_rung_has_heads_and_the_bigram_is_one_override_away(tmp_path):
+    assert compose_train(tmp_path).model.name == "block_norm_dropout"
+    assert compose_train(tmp_path, ["model=bigram"]).model.attention == "none"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=bigram", "model.num_heads=8"], r"model.num_heads=8 does nothing on the bigram rung: .* The rungs that "
+         r"read it: multihead, multihead_ffn, block, block_norm, block_norm_dropout. Pick one of them \(e.g. "
+         r"model=block_norm_dropout model.num_heads=8\) or drop model.num_heads."),
+        (["model=head", "model.num_blocks=2"], r"model.num_blocks=2 does nothing on the head rung: .* read it: block, "),
+        (["model=multihead_ffn", "model.layer_norm=true"], r"model.layer_norm=True does nothing on the multihead_ffn rung"),
+        (["model=bigram", "model.dropout=0.1"], r"model.dropout=0.1 does nothing on the bigram rung: .* read it: head, "),
+    ],
+)
+def test_a_setting_the_rung_never_reads_is_refused_naming_the_rungs_that_do(overrides, message, tiny_cfg):
+    with pytest.raises(UsageError, match=message):
+        check_config(tiny_cfg(*overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=block_norm", "model.dropout=0.1"],  # switches dropout on: the next rung
+        ["model=bigram", "model.attention=multihead", "model.num_heads=2"],  # a bigram made multi-head reads its heads
+        ["model=multihead", "model.num_heads=8"],
+    ],
+)
+def test_settings_that_change_the_rung_or_that_it_reads_are_accepted(overrides, tiny_cfg):
+    check_config(tiny_cfg(*overrides))
