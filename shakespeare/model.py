@@ -1,7 +1,10 @@
-"""The ablation ladder: bigram -> attention head -> multi-head -> feed-forward -> residual -> layer norm -> dropout.
+"""The ablation ladder: bigram -> attention head -> multi-head -> feed-forward -> residual -> layer norm -> dropout,
+then the modern rungs: RMSNorm -> rotary positions -> ReLU² -> QK-norm.
 
 One `ShakespeareGenerator` whose `GeneratorConfig` switches the rungs on one by one; printing it shows
-the same module tree as the research log. Modules a rung does not use are not created at all.
+the same module tree as the research log. Modules a rung does not use are not created at all, and a
+modern option picks which module is built (a norm, an activation, an attention), so the printed tree
+says what the rung is.
 """
 
 from __future__ import annotations
@@ -15,6 +18,18 @@ from torch.nn import functional as F
 from shakespeare.errors import UsageError
 
 ATTENTIONS = ("none", "head", "multihead")
+POSITIONS = ("learned", "rope")
+
+
+class ReLUSquared(nn.Module):
+    """relu(x)²: as cheap as ReLU, and trains small transformers faster than GELU (Primer; the nanoGPT speedruns)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+NORMS = {"layer": nn.LayerNorm, "rms": nn.RMSNorm}
+ACTIVATIONS = {"gelu": nn.GELU, "relu2": ReLUSquared}  # keys name the module in the printed tree
 
 
 @dataclass
@@ -33,6 +48,10 @@ class GeneratorConfig:
     feed_forward_size: int | None = None  # the feed-forward's hidden width in a Block; None: embedding_size
     attention_dropout: float | None = None  # dropout on the attention weights; None: `dropout`
     fused_attention: bool = False  # all heads in one q/k/v Linear + scaled_dot_product_attention (same function)
+    norm: str = "layer"  # layer: LayerNorm (the log's); rms: RMSNorm (no mean, no bias)
+    position: str = "learned"  # learned: an Embedding added to the input (the log's); rope: rotary, inside attention
+    activation: str = "gelu"  # the feed-forward's: gelu (the log's); relu2: relu(x)²
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before the rotation
     compile: bool = False  # torch.compile the model; ShakespeareModule applies it
 
     def __post_init__(self) -> None:
@@ -62,6 +81,20 @@ class GeneratorConfig:
             )
         if self.residual and self.attention != "multihead":
             raise UsageError(f"model.residual=true needs model.attention=multihead, got {self.attention!r}.")
+        for key, choices in (("norm", NORMS), ("position", POSITIONS), ("activation", ACTIVATIONS)):
+            if getattr(self, key) not in choices:
+                raise UsageError(f"model.{key}={getattr(self, key)!r} is not one of {', '.join(choices)}.")
+        if self.position == "rope" and not (self.residual and self.fused_attention):
+            raise UsageError(
+                "model.position=rope rotates the queries and keys of fused attention inside residual blocks: it "
+                f"needs model.residual=true and model.fused_attention=true (got {self.residual} and "
+                f"{self.fused_attention}). Start from a rung with blocks, e.g. model=rope."
+            )
+        if self.qk_norm and self.position != "rope":
+            raise UsageError(
+                f"model.qk_norm=true normalises queries and keys before their rotation: it needs "
+                f"model.position=rope (got {self.position!r}), e.g. model=qk_norm."
+            )
 
     def unused(self) -> set[str]:
         """The settings this model never reads, because it lacks the part that would (num_heads on the bigram).
@@ -153,6 +186,7 @@ class FusedAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, hs)
+        q, k = self.queries_keys(q, k)
         p = self.attention_dropout if self.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, hs)
         x = x.transpose(1, 2).reshape(B, T, C)
@@ -162,30 +196,91 @@ class FusedAttention(nn.Module):
             x = self.dropout(x)
         return x
 
+    def queries_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries and keys as attention compares them; the modern variants position and normalise them."""
+        return q, k
+
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, attention_dropout={self.attention_dropout}"
 
 
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE): turns each pair of a head's query and key channels by an angle
+    proportional to the position, so their dot product depends on how far apart the two positions are."""
+
+    def __init__(self, head_size: int, sequence_length: int, base: float = 10000.0):
+        super().__init__()
+        self.head_size, self.base = head_size, base
+        frequencies = base ** -(torch.arange(0, head_size, 2).float() / head_size)  # (hs/2,)
+        angles = torch.outer(torch.arange(sequence_length).float(), frequencies)  # (T, hs/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, H, Tq, hs) holds the last Tq of the Tk positions in k (B, H, Tk, hs)."""
+        Tq, Tk = q.shape[-2], k.shape[-2]
+        return self.rotate(q, Tk - Tq, Tk), self.rotate(k, 0, Tk)
+
+    def rotate(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        cos, sin = self.cos[start:end], self.sin[start:end]  # (T, hs/2)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"head_size={self.head_size}, base={self.base:g}"
+
+
+class RotaryAttention(FusedAttention):
+    """Fused attention with rotary positions: queries and keys are rotated by their position (RoPE), and
+    the model adds no position embedding to its input."""
+
+    def __init__(self, cfg: GeneratorConfig, num_heads: int, projection: bool):
+        super().__init__(cfg, num_heads, projection)
+        self.rotary = Rotary(cfg.embedding_size // num_heads, cfg.sequence_length)
+
+    def queries_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(q, k)
+
+
+class QKNormAttention(RotaryAttention):
+    """Rotary attention whose queries and keys are RMS-normalised per head first (QK-norm): the attention
+    logits stay bounded however large the weights grow, so higher learning rates stay stable."""
+
+    def __init__(self, cfg: GeneratorConfig, num_heads: int, projection: bool):
+        super().__init__(cfg, num_heads, projection)
+        self.query_norm = nn.RMSNorm(cfg.embedding_size // num_heads)
+        self.key_norm = nn.RMSNorm(cfg.embedding_size // num_heads)
+
+    def queries_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().queries_keys(self.query_norm(q), self.key_norm(k))
+
+
 def attention(cfg: GeneratorConfig, projection: bool) -> nn.Module:
-    """The rung's multi-head attention: the log's per-head modules, or all heads fused."""
+    """The rung's multi-head attention: the log's per-head modules, all heads fused, or a modern variant."""
+    if cfg.qk_norm:
+        return QKNormAttention(cfg, cfg.num_heads, projection)
+    if cfg.position == "rope":
+        return RotaryAttention(cfg, cfg.num_heads, projection)
     if cfg.fused_attention:
         return FusedAttention(cfg, cfg.num_heads, projection)
     return MultiHeadAttention(cfg, projection)
 
 
 class FeedForward(nn.Module):
-    """Per-position Linear + GELU; the residual rungs add a projection back into the stream."""
+    """Per-position Linear + activation (GELU, or ReLU² from the relu2 rung on); the residual rungs add a
+    projection back into the stream."""
 
     def __init__(self, cfg: GeneratorConfig, projection: bool):
         super().__init__()
         C, H = cfg.embedding_size, cfg.feed_forward_size or cfg.embedding_size
         self.linear = nn.Linear(C, H)
-        self.gelu = nn.GELU()
+        self.activation = cfg.activation  # the module's name in the tree: (gelu) or (relu2)
+        self.add_module(cfg.activation, ACTIVATIONS[cfg.activation]())
         self.projection = nn.Linear(H, C) if projection else None
         self.dropout = maybe_dropout(cfg.dropout) if projection else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.gelu(self.linear(x))
+        x = getattr(self, self.activation)(self.linear(x))
         if self.projection is not None:
             x = self.projection(x)
         if self.dropout is not None:
@@ -199,15 +294,20 @@ class Block(nn.Module):
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
         C = cfg.embedding_size
-        self.norm1 = nn.LayerNorm(C) if cfg.layer_norm else None
+        self.norm1 = NORMS[cfg.norm](C) if cfg.layer_norm else None
         self.heads = attention(cfg, projection=True)
-        self.norm2 = nn.LayerNorm(C) if cfg.layer_norm else None
+        self.norm2 = NORMS[cfg.norm](C) if cfg.layer_norm else None
         self.feed_forward = FeedForward(cfg, projection=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.heads(x if self.norm1 is None else self.norm1(x))
         x = x + self.feed_forward(x if self.norm2 is None else self.norm2(x))
         return x
+
+
+def no_positional_embedding(positions: torch.Tensor) -> float:
+    """Rotary rungs add nothing to the input: their attention rotates queries and keys by position instead."""
+    return 0.0
 
 
 class ShakespeareGenerator(nn.Module):
@@ -221,9 +321,9 @@ class ShakespeareGenerator(nn.Module):
             self.embedding = nn.Embedding(V, V, padding_idx=0)
             return
         self.embedding = nn.Embedding(V, C)
-        self.positional_embedding = nn.Embedding(T, C)
+        self.positional_embedding = nn.Embedding(T, C) if cfg.position == "learned" else no_positional_embedding
         if cfg.residual:
-            norm = [nn.LayerNorm(C)] if cfg.layer_norm else []
+            norm = [NORMS[cfg.norm](C)] if cfg.layer_norm else []
             self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.num_blocks)], *norm)
         elif cfg.attention == "head" and cfg.fused_attention:
             self.head = FusedAttention(cfg, num_heads=1, projection=False)

@@ -54,18 +54,23 @@ class NextCharacter:
             fused = ShakespeareGenerator(dataclasses.replace(cfg, fused_attention=True, dropout=0.0, attention_dropout=0.0))
         state = model.state_dict() if cfg.fused_attention else fuse_heads(model.state_dict())
         fused.load_state_dict(state, assign=True)
+        for name, _ in fused.named_buffers():  # not in the state dict (RoPE's angles): the model's own
+            module, _, buffer = name.rpartition(".")
+            setattr(fused.get_submodule(module), buffer, model.get_buffer(name))
         self.model = fused.eval()
-        self.embedding, self.positions, self.linear = fused.embedding, fused.positional_embedding.weight, fused.linear
+        self.embedding, self.linear = fused.embedding, fused.linear
+        self.positions = fused.positional_embedding.weight if cfg.position == "learned" else None  # rope: in attention
         self.final_norm = self.norm1 = self.norm2 = None
         if cfg.residual:
             *self.body, last = [block for block in fused.blocks if isinstance(block, Block)]
             self.norm1, self.norm2, self.feed_forward, attention = last.norm1, last.norm2, last.feed_forward, last.heads
-            if isinstance(fused.blocks[-1], nn.LayerNorm):
+            if not isinstance(fused.blocks[-1], Block):
                 self.final_norm = fused.blocks[-1]
         else:
             self.body, self.feed_forward = [], fused.feed_forward
             attention = fused.head if cfg.attention == "head" else fused.heads
         C, self.num_heads, self.projection = cfg.embedding_size, attention.num_heads, attention.projection
+        self.queries_keys = attention.queries_keys  # rotary and QK-norm attention position and normalise them
         self.query, self.key_value = attention.qkv.weight[:C], attention.qkv.weight[C:]  # qkv rows: q, then k, then v
 
     def __repr__(self) -> str:
@@ -76,12 +81,15 @@ class NextCharacter:
             return self.model(idx[:, -1:])[:, -1]
         B, T = idx.shape
         C, H = self.cfg.embedding_size, self.num_heads
-        x = self.embedding(idx) + self.positions[:T]  # (B, T, C)
+        x = self.embedding(idx)  # (B, T, C)
+        if self.positions is not None:
+            x = x + self.positions[:T]
         for block in self.body:
             x = block(x)
         h = x if self.norm1 is None else self.norm1(x)
         q = F.linear(h[:, -1:], self.query).view(B, 1, H, C // H).transpose(1, 2)  # (B, H, 1, hs)
         k, v = F.linear(h, self.key_value).view(B, T, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, hs)
+        q, k = self.queries_keys(q, k)
         y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, C)  # the last query sees all keys
         if self.projection is not None:
             y = self.projection(y)

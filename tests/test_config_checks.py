@@ -29,7 +29,7 @@ from tests.conftest import ROOT, compose_train
         (["+optimizer.betas=[1.5,0.9]"], r"The optimizer \(torch.optim.Adam\) refuses its settings: .*beta"),
         (["data.batch_size=0"], r"data.batch_size=0 must be a whole number of at least 1"),
         (["data.sequence_length=3000"], r"data.sequence_length=3000 is too long for .*validation split holds 2000"),
-        (["+model.head_size=4"], r"model.head_size is not a model setting \(the model takes attention, "),
+        (["+model.head_size=4"], r"model.head_size is not a model setting \(the model takes activation, attention, "),
         (["trainer.max_epochs=0"], r"trainer.max_epochs=0 must be a whole number of at least 1"),
         (["trainer.max_steps=0"], r"trainer.max_steps=0 must be a whole number of at least 1 \(or -1: no limit"),
         (["trainer.precision=13"], r"trainer: lightning.pytorch.Trainer refuses its settings \(ValueError: .*13"),

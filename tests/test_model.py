@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from shakespeare.errors import UsageError
-from shakespeare.model import GeneratorConfig, ShakespeareGenerator
+from shakespeare.model import GeneratorConfig, ReLUSquared, Rotary, ShakespeareGenerator
 from tests.conftest import compose_train
 
 # The trees printed in the research log, verbatim (vocabulary of 66, sequence length 8).
@@ -149,6 +149,58 @@ ShakespeareGenerator(
 )""",
 }
 
+ROPE_TREE = """\
+ShakespeareGenerator(
+  (embedding): Embedding(66, 32)
+  (blocks): Sequential(
+    (0): Block(
+      (norm1): RMSNorm((32,), eps=None, elementwise_affine=True)
+      (heads): RotaryAttention(
+        num_heads=4, attention_dropout=0.1
+        (qkv): Linear(in_features=32, out_features=96, bias=False)
+        (projection): Linear(in_features=32, out_features=32, bias=True)
+        (dropout): Dropout(p=0.1, inplace=False)
+        (rotary): Rotary(head_size=8, base=10000)
+      )
+      (norm2): RMSNorm((32,), eps=None, elementwise_affine=True)
+      (feed_forward): FeedForward(
+        (linear): Linear(in_features=32, out_features=32, bias=True)
+        (gelu): GELU(approximate='none')
+        (projection): Linear(in_features=32, out_features=32, bias=True)
+        (dropout): Dropout(p=0.1, inplace=False)
+      )
+    )
+    (1): RMSNorm((32,), eps=None, elementwise_affine=True)
+  )
+  (linear): Linear(in_features=32, out_features=66, bias=True)
+)"""
+
+# Each modern rung's tree is the tree of the rung it extends with exactly these lines changed.
+MODERN_TREES = {
+    "rmsnorm": ("block_norm_dropout", {"LayerNorm((32,), eps=1e-05, elementwise_affine=True)": "RMSNorm((32,), eps=None, elementwise_affine=True)"}),
+    "rope": ("rmsnorm", None),  # ROPE_TREE: rotary attention (fused), no position embedding
+    "relu2": ("rope", {"(gelu): GELU(approximate='none')": "(relu2): ReLUSquared()"}),
+    "qk_norm": ("relu2", {
+        "(heads): RotaryAttention(": "(heads): QKNormAttention(",
+        "(rotary): Rotary(head_size=8, base=10000)\n": "(rotary): Rotary(head_size=8, base=10000)\n"
+        "        (query_norm): RMSNorm((8,), eps=None, elementwise_affine=True)\n"
+        "        (key_norm): RMSNorm((8,), eps=None, elementwise_affine=True)\n",
+    }),
+}
+
+
+def expected_tree(rung: str) -> str:
+    if rung in LOG_TREES:
+        return LOG_TREES[rung]
+    before, changes = MODERN_TREES[rung]
+    if changes is None:
+        return ROPE_TREE
+    tree = expected_tree(before)
+    for old, new in changes.items():
+        assert old in tree
+        tree = tree.replace(old, new)
+    return tree
+
 
 def build(rung: str, tmp_path, *overrides: str) -> ShakespeareGenerator:
     cfg = compose_train(tmp_path, [f"model={rung}", *overrides])
@@ -162,7 +214,12 @@ def test_rung_prints_the_logs_tree(rung, tmp_path):
     assert printed == LOG_TREES[rung]
 
 
-@pytest.mark.parametrize("rung", LOG_TREES)
+@pytest.mark.parametrize("rung", MODERN_TREES)
+def test_modern_rung_prints_the_tree_of_the_rung_before_with_its_one_change(rung, tmp_path):
+    assert repr(build(rung, tmp_path)) == expected_tree(rung)
+
+
+@pytest.mark.parametrize("rung", [*LOG_TREES, *MODERN_TREES])
 def test_rung_is_causal(rung, tmp_path):
     """Changing a later character never changes the logits at earlier positions."""
     model = build(rung, tmp_path).eval()
@@ -228,7 +285,7 @@ def fused_state(per_head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "rung, overrides",
-    [(rung, []) for rung in ["head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout"]]
+    [(rung, []) for rung in ["head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout", "rmsnorm"]]
     + [("block_norm_dropout", ["experiment=scale_up", "model.num_blocks=2"])],
 )
 def test_fused_attention_computes_the_per_head_function(rung, overrides, tmp_path):
@@ -245,3 +302,57 @@ def test_feed_forward_size_widens_the_blocks_hidden_layer(tmp_path):
     assert model.blocks[0].feed_forward.linear.out_features == 128 and model.blocks[0].feed_forward.projection.in_features == 128
     with pytest.raises(UsageError, match="model.feed_forward_size=128 needs model.residual=true"):
         build("multihead_ffn", tmp_path, "model.feed_forward_size=128")
+
+
+def test_rotary_scores_depend_only_on_the_distance_between_positions():
+    rotary = Rotary(head_size=8, sequence_length=16)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(query_at: int, key_at: int) -> torch.Tensor:
+        queries, keys = q.expand(1, 1, 16, 8), k.expand(1, 1, 16, 8)
+        rotated_q, rotated_k = rotary(queries, keys)
+        return rotated_q[0, 0, query_at] @ rotated_k[0, 0, key_at]
+
+    torch.testing.assert_close(score(5, 2), score(13, 10))
+    torch.testing.assert_close(score(3, 3), q[0, 0, 0] @ k[0, 0, 0])  # no distance, no rotation
+    assert not torch.allclose(score(5, 2), score(5, 4))
+    last_q, all_k = rotary(torch.randn(2, 1, 3, 8), torch.randn(2, 1, 10, 8))  # queries: the last 3 of 10 positions
+    assert last_q.shape == (2, 1, 3, 8) and all_k.shape == (2, 1, 10, 8)
+
+
+def test_rope_rungs_have_no_position_embedding_and_still_see_order(tmp_path):
+    model = build("rope", tmp_path).eval()
+    assert not any("positional" in name for name, _ in model.named_parameters())
+    idx = torch.randint(1, 66, (1, 8))
+    swapped = idx[:, [1, 0, *range(2, 8)]]
+    assert not torch.allclose(model(idx)[:, -1], model(swapped)[:, -1])  # the order of the first two still matters
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(tmp_path):
+    model = build("qk_norm", tmp_path).eval()
+    idx = torch.randint(1, 66, (2, 8))
+    before = model(idx)
+    with torch.no_grad():
+        model.blocks[0].heads.qkv.weight[:64] *= 10  # the query and key rows
+    torch.testing.assert_close(model(idx), before, atol=1e-4, rtol=1e-4)
+
+
+def test_relu2_is_relu_squared():
+    x = torch.linspace(-2, 2, 9)
+    torch.testing.assert_close(ReLUSquared()(x), torch.where(x > 0, x * x, torch.zeros_like(x)))
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"norm": "batch"}, "model.norm='batch' is not one of layer, rms"),
+        ({"activation": "tanh"}, "model.activation='tanh' is not one of gelu, relu2"),
+        ({"position": "rope"}, "model.position=rope .* needs model.residual=true and model.fused_attention=true"),
+        ({"position": "rope", "residual": True}, "model.fused_attention=true"),
+        ({"qk_norm": True, "residual": True, "fused_attention": True}, "model.qk_norm=true .* needs model.position=rope"),
+    ],
+)
+def test_bad_modern_options_are_named(overrides, named):
+    base = dict(vocab_size=66, sequence_length=8, attention="multihead", embedding_size=32, num_heads=4)
+    with pytest.raises(UsageError, match=named):
+        GeneratorConfig(**{**base, **overrides})

@@ -122,6 +122,8 @@ def test_zero_new_tokens_is_empty():
         ("block_norm_dropout", ["experiment=scale_up", "model.num_blocks=2", "model.feed_forward_size=96"]),
         ("block_norm", ["model.fused_attention=true", "model.num_blocks=3"]),
         ("multihead_ffn", ["model.fused_attention=true"]),
+        *[(rung, []) for rung in ["rmsnorm", "rope", "relu2", "qk_norm"]],
+        ("qk_norm", ["model.num_blocks=3", "model.feed_forward_size=64", "data.sequence_length=16"]),
     ],
 )
 def test_next_character_is_the_models_last_position_in_fewer_steps(rung, overrides, tmp_path):
