@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
+from shakespeare.config import time_budget
 from shakespeare.errors import UsageError
 
 LAST = "last.ckpt"
@@ -226,6 +227,14 @@ def check_resumable(checkpoint: dict[str, Any], path: Path, cfg: DictConfig, voc
             f"ckpt_path: {str(path)!r} already trained its {checkpoint['global_step']} steps "
             f"(trainer.max_steps={max_steps}), so there is nothing to resume. To train it longer, raise "
             f"trainer.max_steps, e.g. trainer.max_steps={max_steps * 2}."
+        )
+    budget = time_budget(cfg.trainer.get("max_time"))
+    spent = checkpoint.get("callbacks", {}).get("Timer", {}).get("time_elapsed", {}).get("train")
+    if budget is not None and spent is not None and spent >= budget:
+        raise UsageError(
+            f"ckpt_path: {str(path)!r} already trained for its {spent:.0f} s of trainer.max_time "
+            f"({cfg.trainer.max_time}), so there is nothing to resume. To train it longer, raise trainer.max_time, "
+            f"e.g. trainer.max_time={{seconds:{int(spent) * 2}}}."
         )
     stopped = [s["stopped_epoch"] for k, s in checkpoint.get("callbacks", {}).items() if k.startswith("EarlyStopping")]
     if stopped and stopped[0]:

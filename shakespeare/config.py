@@ -19,6 +19,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from shakespeare.errors import UsageError
@@ -54,6 +56,7 @@ def check_config(cfg: DictConfig) -> None:
                 f"trainer.{key}={value!r} must be a whole number of at least 1 (or -1: no limit, for another "
                 "limit or early stopping to end the run)."
             )
+    time_budget(cfg.trainer.get("max_time"))
     every = (cfg.get("checkpoint") or {}).get("every_n_steps")
     if every is not None and not is_count(every):
         raise UsageError(
@@ -90,6 +93,22 @@ def check_rung_settings(model: DictConfig, overrides: list[str]) -> None:
                 f"{', '.join(readers)}. Pick one of them (e.g. model={readers[-1]} {key}={settings[name]}) or "
                 f"drop {key}."
             )
+
+
+def time_budget(max_time: object) -> float | None:
+    """trainer.max_time in seconds (None: no time budget), read as Lightning's Timer reads it."""
+    if max_time is None:
+        return None
+    try:
+        seconds = Timer(OmegaConf.to_container(max_time) if OmegaConf.is_config(max_time) else max_time).time_remaining()
+    except (MisconfigurationException, TypeError, ValueError, AttributeError):
+        seconds = None
+    if seconds is None or seconds <= 0:
+        raise UsageError(
+            f"trainer.max_time={max_time!r} is not a time budget: write days:hours:minutes:seconds, e.g. "
+            "trainer.max_time=00:00:10:00 for ten minutes (or trainer.max_time={minutes:10}), or null for none."
+        )
+    return seconds
 
 
 def check_optimizer(optimizer: DictConfig) -> None:

@@ -114,6 +114,10 @@ class GeneratorConfig:
             "layer_norm": blocks,
             "num_blocks": blocks,
             "feed_forward_size": blocks,
+            "norm": blocks and self.layer_norm,
+            "position": attention,
+            "activation": blocks or (attention and self.feed_forward),
+            "qk_norm": blocks,
         }
         return {key for key, read in reads.items() if not read}
 

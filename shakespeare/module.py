@@ -8,6 +8,7 @@ from functools import partial
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Timer
 from torchmetrics import MeanMetric
 
 from shakespeare.errors import UsageError
@@ -67,13 +68,35 @@ class ShakespeareModule(L.LightningModule):
         self.val_loss_best = checkpoint.get("val_loss_best", math.inf)
 
     def configure_optimizers(self):
-        optimizer = instantiate(self.hparams.optimizer, params=self.parameters())
-        if not self.hparams.get("scheduler"):
+        optimizer = instantiate(self.hparams.optimizer, params=self.model.named_parameters())  # names: Muon's split
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)  # Lightning's, for max_time
+        budget = timer if timer is not None and timer.time_remaining() is not None else None
+        settings = self.hparams.get("scheduler") or (TIME_BUDGET_SCHEDULE if budget else None)
+        if not settings:
             return optimizer
-        total = self.trainer.estimated_stepping_batches  # trainer.max_steps, or epochs x batches per epoch
-        factor = partial(warmup_cosine, total_steps=total, **self.hparams.scheduler)
+        total = self.trainer.estimated_stepping_batches  # trainer.max_steps, or epochs x batches per epoch (or inf)
+        factor = partial(scheduled_factor, total_steps=total, timer=budget, settings=settings)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# A time budget always ends annealed: a run with trainer.max_time and no scheduler keeps its learning rate at
+# first and decays it over the budget, to min_lr_factor x optimizer.lr when the time is up.
+TIME_BUDGET_SCHEDULE = {"warmup_steps": 0, "min_lr_factor": 0.1}
+
+
+def time_spent(timer: Timer | None) -> float:
+    """The fraction of trainer.max_time used, by Lightning's own Timer: the clock that stops the run, counting
+    validation and checkpointing as it does, and the earlier sessions of a resumed run. 0 without a budget."""
+    if timer is None:
+        return 0.0
+    elapsed, remaining = timer.time_elapsed(), timer.time_remaining()
+    return min(1.0, elapsed / max(elapsed + remaining, 1e-9))
+
+
+def scheduled_factor(step: int, total_steps: float, timer: Timer | None, settings: dict) -> float:
+    """The learning rate's factor at `step` of a run whose budget is `total_steps`, `timer`'s time, or both."""
+    return warmup_cosine(step, total_steps, **settings, time_spent=time_spent(timer))
 
 
 def check_scheduler(scheduler: dict) -> None:
@@ -88,9 +111,10 @@ def check_scheduler(scheduler: dict) -> None:
         raise UsageError(f"scheduler.min_lr_factor={floor!r} must lie in [0, 1]: the final learning rate over optimizer.lr.")
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_factor: float) -> float:
-    """The learning rate's factor at `step`: linear warm-up, then cosine decay to `min_lr_factor` at the end."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_factor + (1 - min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+def warmup_cosine(step: int, total_steps: float, warmup_steps: int, min_lr_factor: float, time_spent: float = 0.0) -> float:
+    """The learning rate's factor at `step`: linear warm-up, then cosine decay to `min_lr_factor` at the end of
+    the budget: the last step, or the end of trainer.max_time (`time_spent`: the fraction of it used),
+    whichever comes first, so a run stopped by either ends annealed (a budget spent during the warm-up too)."""
+    ramp = (step + 1) / warmup_steps if step < warmup_steps else 1.0
+    progress = max(0.0, min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)), time_spent)
+    return min(ramp, min_lr_factor + (1 - min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
