@@ -68,7 +68,7 @@ def check_config(cfg: DictConfig) -> None:
 
 @cache
 def rungs() -> dict[str, GeneratorConfig]:
-    """Every rung in conf/model/, in ladder order (each reads more settings than the one before)."""
+    """Every rung in conf/model/, in ladder order (each extends the one before)."""
     hydra = GlobalHydra.instance()
     with nullcontext() if hydra.is_initialized() else initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         names = GlobalHydra.instance().config_loader().get_group_options("model")
@@ -76,7 +76,14 @@ def rungs() -> dict[str, GeneratorConfig]:
             warnings.simplefilter("ignore", UserWarning)
             models = {name: OmegaConf.to_container(compose(f"model/{name}").model) for name in names}
     built = {name: GeneratorConfig(vocab_size=2, **{**model, "sequence_length": 1}) for name, model in models.items()}
-    return dict(sorted(built.items(), key=lambda item: -len(item[1].unused())))
+    return dict(sorted(built.items(), key=lambda item: ladder_position(item[0])))
+
+
+def ladder_position(rung: str) -> int:
+    """How many rungs `rung` extends, following the defaults of conf/model/<rung>.yaml: its place on the ladder."""
+    defaults = OmegaConf.load(Path(CONFIG_DIR) / "model" / f"{rung}.yaml").get("defaults") or []
+    extends = [entry for entry in defaults if isinstance(entry, str) and entry != "_self_"]
+    return 1 + ladder_position(extends[0]) if extends else 0
 
 
 def check_rung_settings(model: DictConfig, overrides: list[str]) -> None:

@@ -122,8 +122,8 @@ def test_the_default_rung_has_heads_and_the_bigram_is_one_override_away(tmp_path
     "overrides, message",
     [
         (["model=bigram", "model.num_heads=8"], r"model.num_heads=8 does nothing on the bigram rung: .* The rungs that "
-         r"read it: multihead, multihead_ffn, block, block_norm, block_norm_dropout. Pick one of them \(e.g. "
-         r"model=block_norm_dropout model.num_heads=8\) or drop model.num_heads."),
+         r"read it: multihead, multihead_ffn, block, block_norm, block_norm_dropout, rmsnorm, rope, relu2, qk_norm. Pick "
+         r"one of them \(e.g. model=qk_norm model.num_heads=8\) or drop model.num_heads."),
         (["model=head", "model.num_blocks=2"], r"model.num_blocks=2 does nothing on the head rung: .* read it: block, "),
         (["model=multihead_ffn", "model.layer_norm=true"], r"model.layer_norm=True does nothing on the multihead_ffn rung"),
         (["model=bigram", "model.dropout=0.1"], r"model.dropout=0.1 does nothing on the bigram rung: .* read it: head, "),
