@@ -40,13 +40,13 @@ def runs(tmp_path_factory) -> Path:
     corpus = write_corpus(root.parent / "corpus.txt")
     sweep = root / "multiruns" / "2026-01-01" / "12-00-00"
     for i, rung in enumerate(["bigram", "head"]):
-        train_like_hydra(sweep / f"{i}_model={rung}", [f"model={rung}", f"data.path={corpus}", "trainer.max_epochs=2", *TINY])
-    (sweep / "1_model=head" / "research_log.md").unlink()  # the report must not need it
+        train_like_hydra(sweep / f"{i}_model-{rung}", [f"model={rung}", f"data.path={corpus}", "trainer.max_epochs=2", *TINY])
+    (sweep / "1_model-head" / "research_log.md").unlink()  # the report must not need it
     crash = [f"+callbacks.fail._target_=tests.test_research_log.FailAtEpoch", "+callbacks.fail.epoch=1"]
     with pytest.raises(RuntimeError):
-        train_like_hydra(sweep / "2_model=multihead", ["model=multihead", f"data.path={corpus}", "trainer.max_epochs=3", *TINY, *crash])
+        train_like_hydra(sweep / "2_model-multihead", ["model=multihead", f"data.path={corpus}", "trainer.max_epochs=3", *TINY, *crash])
     (root / "died" / ".hydra").mkdir(parents=True)
-    shutil.copy(sweep / "0_model=bigram" / ".hydra" / "config.yaml", root / "died" / ".hydra" / "config.yaml")
+    shutil.copy(sweep / "0_model-bigram" / ".hydra" / "config.yaml", root / "died" / ".hydra" / "config.yaml")
     (root / "garbled").mkdir()
     (root / "garbled" / "events.out.tfevents.123.host.1.0").write_bytes(b"\x00\xff not an event file" * 10)
     GlobalHydra.instance().clear()
@@ -59,8 +59,8 @@ def test_report_lists_every_run_with_its_figures_and_status(runs, tmp_path, caps
     table = (tmp_path / "report.md").read_text()
     assert printed.split("\n\nWrote")[0].strip() in table
     rows = {row.split(" | ")[-1].rstrip(" |"): row for row in table.splitlines() if row.startswith("| ") and "---" not in row}
-    bigram, head = rows["multiruns/2026-01-01/12-00-00/0_model=bigram"], rows["multiruns/2026-01-01/12-00-00/1_model=head"]
-    crashed = rows["multiruns/2026-01-01/12-00-00/2_model=multihead"]
+    bigram, head = rows["multiruns/2026-01-01/12-00-00/0_model-bigram"], rows["multiruns/2026-01-01/12-00-00/1_model-head"]
+    crashed = rows["multiruns/2026-01-01/12-00-00/2_model-multihead"]
     # rung | overrides | parameters | epochs | best eval loss | log's eval loss | s/epoch | tokens/s | status | run
     cells = bigram.strip("| ").split(" | ")
     assert cells[:4] == ["bigram", "`trainer.max_epochs=2` `data.batch_size=32`", "2,025", "2/2"]  # 45 x 45 logits
@@ -78,7 +78,7 @@ def test_report_lists_every_run_with_its_figures_and_status(runs, tmp_path, caps
 
 def test_a_run_without_its_log_that_stopped_short_is_partial(runs, tmp_path):
     copy = tmp_path / "copy"
-    shutil.copytree(runs / "multiruns" / "2026-01-01" / "12-00-00" / "2_model=multihead", copy)
+    shutil.copytree(runs / "multiruns" / "2026-01-01" / "12-00-00" / "2_model-multihead", copy)
     (copy / "research_log.md").unlink()
     [run] = load_runs(copy)
     assert run.status == "stopped early or partial (1/3 epochs)" and run.epochs == 1

@@ -132,7 +132,7 @@ def test_parallel_sweep_leaves_one_complete_run_per_job(tmp_path, corpus, launch
     result = run_train(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sweep_jobs(tmp_path)
-    assert [job.name.split(",")[1] for job in jobs] == ["model.num_heads=4", "model.num_heads=8"]
+    assert [job.name.split("+")[1] for job in jobs] == ["model.num_heads-4", "model.num_heads-8"]
     share = max(os.cpu_count() // 2, 1) if launcher == "joblib" else 1  # joblib gives each of 2 jobs half the cores
     for job in jobs:
         assert_complete(job)

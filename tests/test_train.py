@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from shakespeare.cli import check_accelerator, fit
+from shakespeare.generation import CONFIG_DIR
 from shakespeare.errors import UsageError
-from tests.conftest import ROOT, write_corpus
+from tests.conftest import ROOT, compose_train, write_corpus
 
 RUNGS = ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout"]
 
@@ -78,14 +82,44 @@ def test_cli_accelerator_error_is_one_paragraph(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_makes_one_folder_and_tensorboard_run_per_job(tmp_path):
+def test_the_users_sweep_trains_one_model_per_job_whose_folder_pastes_back_unquoted(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
-    args = ["-m", "model=multihead", "model.num_heads=4,8", f"data.path={corpus}", "data.batch_size=32",
-            "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2"]
-    result = run_train(args, tmp_path)
+    tiny = [f"data.path={corpus}", "data.batch_size=32", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2"]
+    result = run_train(["-m", "model.num_heads=4,8", *tiny, "trainer.max_epochs=1"], tmp_path)  # the default rung
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.parent for p in (tmp_path / "outputs" / "multiruns").glob("*/*/*/checkpoints"))
-    rest = "model=multihead,trainer.max_epochs=1"  # data.path and trainer.limit_* stay out of the names
-    assert [p.name for p in jobs] == [f"{i}_data.batch_size=32,model.num_heads={h},{rest}" for i, h in ((0, 4), (1, 8))]
-    for job in jobs:
+    # data.path and trainer.limit_* stay out of the names
+    assert [p.name for p in jobs] == [f"{i}_data.batch_size-32+model.num_heads-{h}+trainer.max_epochs-1" for i, h in ((0, 4), (1, 8))]
+    for job, heads in zip(jobs, (4, 8)):
         assert list(job.glob("events.out.tfevents.*")) and (job / "checkpoints" / "last.ckpt").exists()
+        model = (job / "research_log.md").read_text().split("optimizer=")[0]
+        assert f"(0-{heads - 1}): {heads} x AttentionHead(" in model
+
+    job = jobs[0].relative_to(tmp_path)  # pasted as printed, unquoted, into both commands
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    resumed = subprocess.run(f"{sys.executable} {ROOT / 'train.py'} model.num_heads=4 {' '.join(tiny)} trainer.max_epochs=2 "
+                             f"ckpt_path={job}", shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "1/2 -- " in (jobs[0] / "research_log.md").read_text()  # the job's own folder went on
+    generated = subprocess.run(f"{sys.executable} {ROOT / 'generate.py'} ckpt_path={job} max_new_tokens=20", shell=True,
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert generated.returncode == 0 and len(generated.stdout) == 21, generated.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.num_heads=4,8"],
+        ["model=multihead", "model.num_heads=8", "trainer.max_epochs=20", "data.split=random_windows"],
+        ["optimizer=adamw", "optimizer.lr=3e-4", "trainer.precision=bf16-mixed", "scheduler=warmup_cosine"],
+    ],
+)
+def test_a_sweep_job_folder_pastes_unquoted_into_ckpt_path(overrides, tmp_path):
+    """The folder name a -m sweep gives a job parses back as a plain value for train.py and generate.py."""
+    job = compose_train(tmp_path, [o.split(",")[0] for o in overrides])  # the first job of the sweep
+    folder = f"outputs/multiruns/2026-01-01/12-00-00-000000/{OmegaConf.select(job, 'hydra.sweep.subdir')}"
+    assert folder.endswith("0_" + job.hydra.job.override_dirname) and job.hydra.job.override_dirname
+    assert compose_train(tmp_path, [f"ckpt_path={folder}"]).ckpt_path == folder
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        assert compose("generate", overrides=[f"ckpt_path={folder}"]).ckpt_path == folder
