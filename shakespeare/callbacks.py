@@ -15,6 +15,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from shakespeare.errors import UsageError
+from shakespeare.inspection import (
+    attention_grid,
+    attention_layers,
+    attention_maps,
+    character_embeddings,
+    held_out_passage,
+    loss_by_position_figure,
+)
 from shakespeare.sampling import check_options, sample
 
 BEST_VAL_LOSS = "hp/best_val_loss"  # the metric TensorBoard's HParams tab sets the hyperparameters against
@@ -294,3 +302,51 @@ class FiniteLoss(L.Callback):
             f"so training stopped: the weights are broken from there on. The checkpoints saved before it are kept "
             f"(checkpoints/last.ckpt, best.ckpt). Lower the learning rate, e.g. optimizer.lr={lr / 10:g} (it was {lr:g})."
         )
+
+
+class Inspection(L.Callback):
+    """What a rung learned, in TensorBoard: after every validation, the attention weights of every layer
+    and head over a fixed held-out passage (Images tab, `inspection/attention`) and the validation loss by
+    position in the window (`inspection/loss_by_position`); at the end of training the character
+    embeddings, labelled by character, in the Projector.
+
+    The passage is the first validation window that starts a line, taken from the first validation batch,
+    so it is the same every epoch. The weights come from a side pass over that one passage: training and
+    its fused or flash attention are untouched. Writes on rank zero, to TensorBoard loggers only.
+    """
+
+    def __init__(self, attention: bool = True, loss_by_position: bool = True, embeddings: bool = True) -> None:
+        self.attention, self.loss_by_position, self.embeddings = attention, loss_by_position, embeddings
+        self.passage: torch.Tensor | None = None
+
+    @staticmethod
+    def writers(trainer: L.Trainer) -> list:
+        return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+    def on_validation_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.passage is None and batch_idx == 0:
+            self.passage = held_out_passage(batch[0], module.tokenizer)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        writers = self.writers(trainer)
+        if trainer.sanity_checking or not writers:
+            return
+        step = trainer.global_step
+        if self.attention and self.passage is not None and attention_layers(module.model):
+            maps = attention_maps(module.model, self.passage.to(module.device))
+            grid = attention_grid(maps, module.tokenizer.decode(self.passage, skip_pad=False))
+            for writer in writers:
+                writer.add_image("inspection/attention", grid, global_step=step, dataformats="HWC")
+        if self.loss_by_position and module.loss_by_position:
+            figure = loss_by_position_figure([(f"step {step}", module.loss_by_position)])
+            for writer in writers:
+                writer.add_figure("inspection/loss_by_position", figure, global_step=step)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not self.embeddings:
+            return
+        table, labels = character_embeddings(module.model, module.tokenizer.vocabulary)
+        for writer in self.writers(trainer):
+            writer.add_embedding(table, metadata=labels, tag="character_embeddings", global_step=trainer.global_step)

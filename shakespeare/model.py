@@ -138,14 +138,18 @@ class AttentionHead(nn.Module):
         self.dropout = maybe_dropout(dropout)
         self.register_buffer("causal", torch.ones(sequence_length, sequence_length).tril().bool(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, T): how much each position attends to each earlier one, before dropout."""
         T = x.shape[1]
-        q, k, v = self.query(x), self.key(x), self.value(x)  # (B, T, hs)
+        q, k = self.query(x), self.key(x)  # (B, T, hs)
         weights = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, T, T)
-        weights = weights.masked_fill(~self.causal[:T, :T], float("-inf")).softmax(dim=-1)
+        return weights.masked_fill(~self.causal[:T, :T], float("-inf")).softmax(dim=-1).unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.attention_weights(x)[:, 0]  # (B, T, T)
         if self.dropout is not None:
             weights = self.dropout(weights)
-        return weights @ v
+        return weights @ self.value(x)
 
 
 class MultiHeadAttention(nn.Module):
@@ -160,6 +164,10 @@ class MultiHeadAttention(nn.Module):
         )
         self.projection = nn.Linear(C, C) if projection else None
         self.dropout = maybe_dropout(cfg.dropout) if projection else None
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, T): every head's attention weights, before dropout."""
+        return torch.cat([head.attention_weights(x) for head in self.heads], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.cat([head(x) for head in self.heads], dim=-1)
@@ -187,10 +195,25 @@ class FusedAttention(nn.Module):
         self.projection = nn.Linear(C, C) if projection else None
         self.dropout = maybe_dropout(cfg.dropout) if projection else None
 
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every head's queries and keys as attention compares them (`queries_keys`), and values: (B, H, T, hs)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = self.queries_keys(q, k)
+        return q, k, v
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, T): the weights scaled_dot_product_attention applies without building them, before dropout.
+        Only for inspecting a passage: training never calls it."""
+        T = x.shape[1]
+        q, k, _ = self.split_heads(x)
+        weights = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, H, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return weights.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, hs)
-        q, k = self.queries_keys(q, k)
+        q, k, v = self.split_heads(x)  # (B, H, T, hs)
         p = self.attention_dropout if self.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, hs)
         x = x.transpose(1, 2).reshape(B, T, C)
@@ -354,3 +377,8 @@ class ShakespeareGenerator(nn.Module):
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self(idx)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def losses(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss at every position (B, T), unreduced: validation keeps it by position in the window."""
+        logits = self(idx)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Timer
 from torchmetrics import MeanMetric
 
 from shakespeare.errors import UsageError
+from shakespeare.inspection import LOSS_BY_POSITION, LossByPosition, position_tags
 from shakespeare.model import GeneratorConfig, ShakespeareGenerator
 from shakespeare.tokenizer import CharTokenizer
 
@@ -34,6 +35,8 @@ class ShakespeareModule(L.LightningModule):
         if self.model.cfg.compile:
             self.model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
         self.val_loss_best = math.inf  # kept in checkpoints beside the weights
+        self.val_loss_by_position = LossByPosition(self.model.cfg.sequence_length)
+        self.loss_by_position: list[float] = []  # the last validation's, positions 1..T
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -48,15 +51,24 @@ class ShakespeareModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model.loss(*batch)
+        losses = self.model.losses(*batch)  # (B, T)
+        self.val_loss_by_position.update(losses)
+        loss = losses.mean()
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        """Log `val/loss_best`, the lowest epoch validation loss so far: what sweeps minimise."""
+        """Log `val/loss_best`, the lowest epoch validation loss so far: what sweeps minimise; and the
+        epoch's validation loss at each position of the window, as `val_loss_by_position/<t>`."""
+        if self.val_loss_by_position.update_count:
+            self.loss_by_position = self.val_loss_by_position.compute().tolist()  # summed over ranks: all call it
+            self.val_loss_by_position.reset()
         loss = self.trainer.callback_metrics.get("val/loss")  # this epoch's, already averaged over ranks
         if self.trainer.sanity_checking or loss is None:
             return
+        tags = position_tags(len(self.loss_by_position), LOSS_BY_POSITION)
+        for logger in self.loggers:  # T values as one logger call: T calls of self.log would cost ~T ms
+            logger.log_metrics(dict(zip(tags, self.loss_by_position)), step=self.global_step)
         self.val_loss_best = min(self.val_loss_best, float(loss))
         # for sweepers and callback_metrics only: TensorBoard gets it as hp/best_val_loss; equal on all ranks
         self.log("val/loss_best", self.val_loss_best, sync_dist=True, logger=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -136,11 +137,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_tensorboard_server_shows_losses_samples_and_hparams(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("model=head", "trainer.max_epochs=2", "trainer.log_every_n_steps=1")
-    fit(cfg)
-    logdir, port = Path(cfg.paths.output_dir).parent, free_port()
+@contextlib.contextmanager
+def tensorboard(logdir: Path, ready_tag: str = "val/loss"):
+    """A real TensorBoard server over `logdir`; yields `get(path, body=None, raw=False)`, which reads
+    `/data/plugin/<path>` (JSON, or bytes with raw=True), once a run's scalar `ready_tag` is loaded."""
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--port", str(port), "--host", "127.0.0.1",
          "--load_fast", "false", "--reload_interval", "1"],
@@ -148,22 +149,33 @@ def test_tensorboard_server_shows_losses_samples_and_hparams(tiny_cfg, tmp_path)
     )
     base = f"http://127.0.0.1:{port}/data/plugin"
 
-    def get(path: str, body: dict | None = None):
+    def get(path: str, body: dict | None = None, raw: bool = False):
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json", "X-XSRF-Protected": "1"} if body is not None else {}
         with urllib.request.urlopen(urllib.request.Request(base + path, data=data, headers=headers), timeout=10) as r:
-            return json.loads(r.read())
+            return r.read() if raw else json.loads(r.read())
 
     try:
-        deadline, tags = time.monotonic() + 60, {}
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                tags = get("/scalars/tags").get("run", {})
-                if "val/loss" in tags:
+                if any(ready_tag in tags for tags in get("/scalars/tags").values()):
                     break
             except OSError:
                 pass
             time.sleep(0.5)
+        yield get
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_tensorboard_server_shows_losses_samples_and_hparams(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("model=head", "trainer.max_epochs=2", "trainer.log_every_n_steps=1")
+    fit(cfg)
+    with tensorboard(Path(cfg.paths.output_dir).parent) as get:
+        tags = get("/scalars/tags").get("run", {})
         assert {"train/loss_step", "train/loss_epoch", "val/loss", "lr-Adam", TOKENS_PER_SECOND} <= set(tags)
         query = urllib.parse.urlencode({"run": "run", "tag": "val/loss"})
         losses = get(f"/scalars/scalars?{query}")
@@ -184,6 +196,3 @@ def test_tensorboard_server_shows_losses_samples_and_hparams(tiny_cfg, tmp_path)
         query = urllib.parse.urlencode({"run": "run", "tag": "generation/empty_input/text_summary"})
         samples = get(f"/text/text?{query}")
         assert len(samples) == 2 and all(len(s["text"]) > 100 for s in samples)  # one sample per epoch
-    finally:
-        server.terminate()
-        server.wait(timeout=10)

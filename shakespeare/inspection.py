@@ -1,0 +1,172 @@
+"""Looking inside a rung: what its attention heads look at in a passage, how its validation loss falls with
+the context a position sees, and where its character embeddings lie.
+
+Everything here reads a model without changing it: the attention weights come from a side pass over one
+passage (the fused and flash kernels never build them), the loss by position from the validation losses
+before they are averaged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torchmetrics import Metric
+
+from shakespeare.tokenizer import CharTokenizer
+
+LOSS_BY_POSITION = "val_loss_by_position"  # TensorBoard tags val_loss_by_position/01 ... /T
+READABLE = {" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍"}  # glyphs DejaVu Sans (matplotlib's font) has
+
+
+def readable(ch: str) -> str:
+    """A character as a label can show it: spaces, newlines and other invisible characters made visible."""
+    if ch in READABLE:
+        return READABLE[ch]
+    return ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+
+
+def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's attention layers in forward order: modules with an `attention_weights` method that are
+    not part of another one (the heads of a `MultiHeadAttention` belong to it)."""
+    layers: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if hasattr(module, "attention_weights") and not any(name.startswith(outer + ".") for outer, _ in layers):
+            layers.append((name, module))
+    return layers
+
+
+def layer_title(name: str) -> str:
+    """`blocks.2.heads` -> `block 2`; the single attention of the rungs without blocks -> `attention`."""
+    parts = name.split(".")
+    return f"block {parts[1]}" if parts[0] == "blocks" and len(parts) > 1 else "attention"
+
+
+def attention_maps(model: nn.Module, idx: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Every attention layer's weights (H, T, T) for one passage `idx` (T,): row t is what position t
+    attends to. A side pass in eval mode (no dropout): each layer's input is caught on its way in and
+    handed to the layer's `attention_weights`, so the model's own forward, fused or not, is untouched."""
+    layers = attention_layers(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def catch(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            captured[name] = module.attention_weights(args[0])[0].float().cpu()
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(catch(name)) for name, module in layers]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # a compiled model runs its Python forward
+            model(idx.unsqueeze(0))
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return [(layer_title(name), captured[name]) for name, _ in layers]
+
+
+def held_out_passage(windows: torch.Tensor, tokenizer: CharTokenizer) -> torch.Tensor:
+    """A passage (T,) to show attention on, from a validation batch (B, T): the first window that starts a
+    line (right after a newline, where the windows slide by one character), else the first window."""
+    windows = windows.detach().cpu()
+    if "\n" in tokenizer.vocabulary and len(windows) > 1:
+        newline = tokenizer.vocabulary.index("\n")
+        starts = windows[:, 0] == newline
+        follows = starts[:-1] & ~starts[1:] & (windows[:-1, 1:] == windows[1:, :-1]).all(dim=1)
+        if follows.any():
+            return windows[int(follows.nonzero()[0]) + 1].clone()
+    return windows[0].clone()
+
+
+def attention_grid(maps: list[tuple[str, torch.Tensor]], passage: str, max_cell: int = 20) -> np.ndarray:
+    """One picture (H, W, 3 uint8) of every layer's (rows) every head's (columns) weights: in each map row
+    t is what position t attends to, 0 dark to 1 bright (viridis), with the passage's characters on both
+    axes while they fit. Drawn with Pillow: a few milliseconds, where matplotlib takes a few hundred."""
+    import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
+
+    T = maps[0][1].shape[-1]
+    cell = max(1, min(max_cell, 160 // T))  # pixels per position: a map is 160-ish pixels wide
+    labelled = cell >= 12
+    font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), 11)
+    margin, title, gap = (14 if labelled else 4), 16, 10
+    side = T * cell
+    columns = max(weights.shape[0] for _, weights in maps)
+    width = columns * (margin + side + gap)
+    height = len(maps) * (title + side + (margin if labelled else 0) + gap)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    colours = matplotlib.colormaps["viridis"]
+    labels = [readable(ch) for ch in passage[:T]]
+    for r, (name, weights) in enumerate(maps):
+        top = r * (title + side + (margin if labelled else 0) + gap)
+        for h, head in enumerate(weights):
+            left = h * (margin + side + gap) + margin
+            rgb = (colours(head.clamp(0, 1).numpy())[..., :3] * 255).astype(np.uint8)
+            image.paste(Image.fromarray(rgb.repeat(cell, axis=0).repeat(cell, axis=1)), (left, top + title))
+            draw.text((left, top + 1), f"{name}, head {h}" if len(weights) > 1 else name, fill="black", font=font)
+            for t, label in enumerate(labels if labelled else []):
+                middle = t * cell + cell // 2
+                draw.text((left + middle, top + title + side + 1), label, fill="black", font=font, anchor="mt")
+                draw.text((left - 2, top + title + middle), label, fill="black", font=font, anchor="rm")
+    return np.asarray(image)
+
+
+class LossByPosition(Metric):
+    """The mean loss at each position 1..T of the window over a validation epoch, summed across
+    processes: position t predicts its character from t characters of context."""
+
+    full_state_update = False
+
+    def __init__(self, sequence_length: int):
+        super().__init__()
+        self.add_state("total", torch.zeros(sequence_length), dist_reduce_fx="sum")
+        self.add_state("windows", torch.zeros(()), dist_reduce_fx="sum")
+
+    def update(self, losses: torch.Tensor) -> None:
+        """`losses`: (B, T) cross-entropies of a batch, unreduced."""
+        self.total += losses.detach().sum(dim=0)
+        self.windows += losses.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.windows
+
+
+def position_tags(sequence_length: int, prefix: str) -> list[str]:
+    """TensorBoard tags for positions 1..T, zero-padded so they sort in order: `prefix/01` ... `prefix/08`."""
+    width = len(str(sequence_length))
+    return [f"{prefix}/{t:0{width}d}" for t in range(1, sequence_length + 1)]
+
+
+def plot_loss_by_position(ax, curves: list[tuple[str, list[float]]]) -> None:
+    """Loss against the position in the window (the context a prediction sees), one line per curve."""
+    from matplotlib.ticker import MaxNLocator
+
+    for label, values in curves:
+        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
+    ax.set(xlabel="position in the window (characters of context)", ylabel="eval loss", title="Validation loss by position")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize="small")
+
+
+def loss_by_position_figure(curves: list[tuple[str, list[float]]]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.2), layout="constrained")
+    plot_loss_by_position(fig.subplots(), curves)
+    return fig
+
+
+def character_embeddings(model: nn.Module, vocabulary: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """The token embedding table (V, C) and one readable label per row, for TensorBoard's Projector."""
+    return model.embedding.weight.detach().float().cpu(), [readable(ch) for ch in vocabulary]
