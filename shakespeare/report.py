@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from shakespeare.callbacks import TOKENS_PER_SECOND
 from shakespeare.errors import UsageError
+from shakespeare.inspection import LOSS_BY_POSITION, plot_loss_by_position
 
 LADDER = ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout", "scale_up"]
 # Eval loss in the research log (its random_windows split; scale_up: the best of the 3 epochs it saw).
@@ -31,6 +32,7 @@ PUBLISHED = {
     "scale_up": 1.7627,
 }
 EVENTS = "events.out.tfevents.*"
+ATTENTION = "inspection/attention"  # the attention grid the Inspection callback logs after every validation
 
 
 @dataclass
@@ -54,6 +56,37 @@ class Run:
     def curve(self, tag: str) -> list[float]:
         """The values of `tag` in logging order: one per epoch for epoch-level tags like `val/loss`."""
         return [value for _, _, value in self.scalars.get(tag, [])]
+
+    @property
+    def loss_by_position(self) -> list[float]:
+        """Validation loss at positions 1..T of the window, from the epoch with the best validation loss."""
+        tags = sorted(tag for tag in self.scalars if tag.startswith(LOSS_BY_POSITION + "/"))
+        val = self.scalars.get("val/loss")
+        if not tags:
+            return []
+        best_step = min(val, key=lambda event: event[2])[0] if val else None
+        values = []
+        for tag in tags:
+            at_best = [value for step, _, value in self.scalars[tag] if step == best_step]
+            values.append(at_best[-1] if at_best else self.scalars[tag][-1][2])
+        return values
+
+    def attention_grid(self) -> bytes | None:
+        """The last attention grid the run logged (PNG bytes), if it logged any."""
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        if self.problem or not any(self.path.glob(EVENTS)):
+            return None
+        events = EventAccumulator(str(self.path), size_guidance={"images": 1})  # the reservoir keeps the last
+        try:
+            events.Reload()
+        except Exception:  # events cut short by a crash: no picture, as for a run that logged none
+            return None
+        return events.Images(ATTENTION)[-1].encoded_image_string if ATTENTION in events.Tags()["images"] else None
+
+    def checkpoint(self) -> Path | None:
+        """The checkpoint the run's sample is written with: its best, else its last."""
+        return next((c for c in (self.path / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")) if c.is_file()), None)
 
     @property
     def epochs(self) -> int:
@@ -226,7 +259,8 @@ def labels(runs: list[Run]) -> list[str]:
 
 
 def plot_validation_curves(runs: list[Run], path: Path) -> Path:
-    """A PNG of validation loss per epoch, one line per run."""
+    """A PNG of validation loss per epoch, one line per run; beside it, when the runs logged it, the
+    validation loss by position in the window (from each run's best epoch)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,7 +268,12 @@ def plot_validation_curves(runs: list[Run], path: Path) -> Path:
 
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    curves = [(label, run.loss_by_position) for run, label in zip(runs, labels(runs)) if run.loss_by_position]
+    if curves:
+        fig, (ax, by_position) = plt.subplots(1, 2, figsize=(15, 5.5))
+        plot_loss_by_position(by_position, curves)
+    else:
+        fig, ax = plt.subplots(figsize=(9, 5.5))
     for run, label in zip(runs, labels(runs)):
         values = run.curve("val/loss")
         if values:
@@ -250,15 +289,76 @@ def plot_validation_curves(runs: list[Run], path: Path) -> Path:
     return path
 
 
-def write_report(folder: str | Path, out: str | Path | None = None) -> tuple[str, Path, Path]:
-    """Write report.md and val_curves.png into `out` (default: `folder`); returns (table, report, plot)."""
+def sample_run(run: Run, prompt: str, seed: int, length: int) -> str:
+    """The run's continuation of `prompt`: its best checkpoint, seeded with `seed` (characters the model
+    never saw are left out of the prompt)."""
+    import torch
+
+    from shakespeare.loading import load_generator
+    from shakespeare.sampling import sample
+
+    model, tokenizer = load_generator(run.checkpoint())
+    generator = torch.Generator().manual_seed(seed)
+    return sample(model, tokenizer, prompt, max_new_tokens=length, generator=generator, on_unknown="skip")[0]
+
+
+def samples_section(runs: list[Run], prompt: str = "", seed: int = 0, length: int = 300) -> str:
+    """Markdown: every run's sample from the same prompt and seed, in the table's (ladder) order."""
+    shown = f"the prompt {prompt!r}" if prompt else "the empty prompt"
+    text = f"## Samples\n\nEach run's best checkpoint continues {shown} with seed {seed} ({length} characters):\n"
+    for run, label in zip(runs, labels(runs)):
+        text += f"\n### {label} ({run.name})\n\n"
+        if run.checkpoint() is None:
+            text += "No checkpoint to sample from.\n"
+            continue
+        try:
+            written = prompt + sample_run(run, prompt, seed, length)
+        except UsageError as err:
+            text += f"No sample: {err}\n"
+            continue
+        fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", written)), default=0))
+        text += f"{fence}text\n{written}\n{fence}\n"
+    return text
+
+
+def write_figures(runs: list[Run], folder: Path) -> list[Path]:
+    """`loss_by_position.png` over every run that logged it, and `attention.png`: the last attention grid of
+    the highest rung that logged one. The README's pictures come from here."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    curves = [(label, run.loss_by_position) for run, label in zip(runs, labels(runs)) if run.loss_by_position]
+    if curves:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        plot_loss_by_position(ax, curves)
+        fig.tight_layout()
+        fig.savefig(folder / "loss_by_position.png", dpi=100)
+        plt.close(fig)
+        written.append(folder / "loss_by_position.png")
+    grid = next((grid for run in reversed(runs) if (grid := run.attention_grid())), None)
+    if grid:
+        (folder / "attention.png").write_bytes(grid)
+        written.append(folder / "attention.png")
+    return written
+
+
+def write_report(
+    folder: str | Path, out: str | Path | None = None, prompt: str = "", seed: int = 0, sample_length: int = 300
+) -> tuple[str, Path, Path]:
+    """Write report.md (the table, the plot, every run's sample) and val_curves.png into `out` (default:
+    `folder`); returns (table, report, plot). `sample_length=0` leaves the samples out."""
     runs = load_runs(folder)
     out = Path(out or folder).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)
     plot = plot_validation_curves(runs, out / "val_curves.png")
+    samples = "\n" + samples_section(runs, prompt, seed, sample_length) if sample_length else ""
     report = out / "report.md"
-    report.write_text(f"# Runs in {Path(folder).name}\n\n{table}\n![validation loss per epoch]({plot.name})\n", encoding="utf-8")
+    report.write_text(f"# Runs in {Path(folder).name}\n\n{table}\n![validation loss per epoch]({plot.name})\n{samples}", encoding="utf-8")
     return table, report, plot
 
 
@@ -266,14 +366,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shakespeare.report", description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="a folder of runs: outputs/, a sweep's folder, or one run's folder")
     parser.add_argument("--out", help="where to write report.md and val_curves.png (default: the folder)")
+    parser.add_argument("--prompt", default="", help="the prompt every run's sample continues (default: empty)")
+    parser.add_argument("--seed", type=int, default=0, help="the samples' seed (default: 0)")
+    parser.add_argument("--sample-length", type=int, default=300, help="characters per sample; 0: no samples")
+    parser.add_argument("--figures", metavar="DIR", help="also write attention.png and loss_by_position.png into DIR")
     args = parser.parse_args(argv)
+    if args.sample_length < 0:
+        print(f"Error: --sample-length={args.sample_length} must be 0 (no samples) or more, e.g. 300.", file=sys.stderr)
+        return 2
+    prompt = args.prompt.replace("\\n", "\n")  # a typed \n is a line break, as in generate.py
     try:
-        table, report, plot = write_report(args.folder, args.out)
+        table, report, plot = write_report(args.folder, args.out, prompt, args.seed, args.sample_length)
+        figures = write_figures(load_runs(args.folder), Path(args.figures)) if args.figures else []
     except UsageError as err:
         print(f"Error: {err}", file=sys.stderr)
         return 2
     print(table)
     print(f"Wrote {report} and {plot}")
+    for figure in figures:
+        print(f"Wrote {figure}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from shakespeare.cli import CONFIG_DIR, fit
-from shakespeare.report import load_runs, main
+from shakespeare.report import load_runs, main, samples_section, write_figures
 from tests.conftest import ROOT, compose_train, write_corpus
 from tests.test_train import RUNGS
 
@@ -76,6 +77,41 @@ def test_report_lists_every_run_with_its_figures_and_status(runs, tmp_path, caps
     assert [run.rung for run in load_runs(runs)][:3] == ["bigram", "bigram", "head"]  # ladder order
 
 
+def samples_by_run(report: str) -> dict[str, str]:
+    """The samples section of report.md: run folder -> its sample (or what the report says instead)."""
+    section = report.split("\n## Samples\n", 1)[1]
+    parts = re.split(r"^### .+ \((.+)\)\n\n", section, flags=re.M)[1:]
+    return {name: re.sub(r"^```text\n(.*)\n```$", r"\1", body.strip("\n"), flags=re.S) for name, body in zip(parts[::2], parts[1::2])}
+
+
+def test_report_shows_each_runs_sample_from_the_same_prompt_and_seed(runs, tmp_path, capsys):
+    sweep = "multiruns/2026-01-01/12-00-00/"
+    assert main([str(runs), "--out", str(tmp_path), "--prompt", "KING", "--seed", "3", "--sample-length", "60"]) == 0
+    samples = samples_by_run((tmp_path / "report.md").read_text())
+    ordered = load_runs(runs)
+    assert list(samples) == [run.name for run in ordered]  # every run, rung by rung as in the table
+    written = [samples[sweep + name] for name in ("0_model=bigram", "1_model=head", "2_model=multihead")]
+    assert all(text.startswith("KING") and len(text) == 4 + 60 for text in written)
+    assert len(set(written)) == 3  # each rung writes its own
+    assert samples["died"] == "No checkpoint to sample from."
+    assert samples_by_run("\n" + samples_section(ordered, "KING", 3, 60)) == samples  # same prompt and seed, same text
+    assert samples_by_run("\n" + samples_section(ordered[2:3], "KING", 4, 60))[sweep + "1_model=head"] != written[1]
+    assert main([str(runs), "--sample-length", "-1"]) == 2 and "--sample-length=-1" in capsys.readouterr().err
+
+
+def test_report_plots_the_loss_by_position_and_exports_the_readmes_figures(runs, tmp_path):
+    ordered = load_runs(runs)
+    by_name = {run.name: run for run in ordered}
+    finished = [by_name[f"multiruns/2026-01-01/12-00-00/{i}_model={rung}"] for i, rung in enumerate(["bigram", "head"])]
+    for run in finished:  # each position's loss at the best epoch; together they average to the best eval loss
+        assert len(run.loss_by_position) == 8 and sum(run.loss_by_position) / 8 == pytest.approx(run.best_val_loss, rel=1e-5)
+    assert write_figures(ordered, tmp_path) == [tmp_path / "loss_by_position.png", tmp_path / "attention.png"]
+    assert (tmp_path / "loss_by_position.png").read_bytes()[:4] == b"\x89PNG"
+    crashed = by_name["multiruns/2026-01-01/12-00-00/2_model=multihead"]  # the highest rung with a grid
+    assert (tmp_path / "attention.png").read_bytes() == crashed.attention_grid()
+    assert by_name["multiruns/2026-01-01/12-00-00/0_model=bigram"].attention_grid() is None  # nothing to attend with
+
+
 def test_a_run_without_its_log_that_stopped_short_is_partial(runs, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(runs / "multiruns" / "2026-01-01" / "12-00-00" / "2_model-multihead", copy)
@@ -114,4 +150,8 @@ def test_ablation_notebook_runs_on_a_folder_of_runs(runs, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     table = next(o.data["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
     assert "| bigram |" in table and "| head |" in table
-    assert any("image/png" in o.get("data", {}) for o in outputs)
+    pictures = [o for o in outputs if "image/png" in o.get("data", {})]
+    grids = [run.attention_grid() for run in load_runs(runs) if run.attention_grid()]
+    assert len(grids) == 2 and len(pictures) == 2 + len(grids)  # loss curves, loss by position, each rung's grid
+    shown = [base64.b64decode(o.data["image/png"]) for o in pictures[2:]]
+    assert shown == grids
