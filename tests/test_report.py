@@ -90,26 +90,26 @@ def test_report_shows_each_runs_sample_from_the_same_prompt_and_seed(runs, tmp_p
     samples = samples_by_run((tmp_path / "report.md").read_text())
     ordered = load_runs(runs)
     assert list(samples) == [run.name for run in ordered]  # every run, rung by rung as in the table
-    written = [samples[sweep + name] for name in ("0_model=bigram", "1_model=head", "2_model=multihead")]
+    written = [samples[sweep + name] for name in ("0_model-bigram", "1_model-head", "2_model-multihead")]
     assert all(text.startswith("KING") and len(text) == 4 + 60 for text in written)
     assert len(set(written)) == 3  # each rung writes its own
     assert samples["died"] == "No checkpoint to sample from."
     assert samples_by_run("\n" + samples_section(ordered, "KING", 3, 60)) == samples  # same prompt and seed, same text
-    assert samples_by_run("\n" + samples_section(ordered[2:3], "KING", 4, 60))[sweep + "1_model=head"] != written[1]
+    assert samples_by_run("\n" + samples_section(ordered[2:3], "KING", 4, 60))[sweep + "1_model-head"] != written[1]
     assert main([str(runs), "--sample-length", "-1"]) == 2 and "--sample-length=-1" in capsys.readouterr().err
 
 
 def test_report_plots_the_loss_by_position_and_exports_the_readmes_figures(runs, tmp_path):
     ordered = load_runs(runs)
     by_name = {run.name: run for run in ordered}
-    finished = [by_name[f"multiruns/2026-01-01/12-00-00/{i}_model={rung}"] for i, rung in enumerate(["bigram", "head"])]
+    finished = [by_name[f"multiruns/2026-01-01/12-00-00/{i}_model-{rung}"] for i, rung in enumerate(["bigram", "head"])]
     for run in finished:  # each position's loss at the best epoch; together they average to the best eval loss
         assert len(run.loss_by_position) == 8 and sum(run.loss_by_position) / 8 == pytest.approx(run.best_val_loss, rel=1e-5)
     assert write_figures(ordered, tmp_path) == [tmp_path / "loss_by_position.png", tmp_path / "attention.png"]
     assert (tmp_path / "loss_by_position.png").read_bytes()[:4] == b"\x89PNG"
-    crashed = by_name["multiruns/2026-01-01/12-00-00/2_model=multihead"]  # the highest rung with a grid
+    crashed = by_name["multiruns/2026-01-01/12-00-00/2_model-multihead"]  # the highest rung with a grid
     assert (tmp_path / "attention.png").read_bytes() == crashed.attention_grid()
-    assert by_name["multiruns/2026-01-01/12-00-00/0_model=bigram"].attention_grid() is None  # nothing to attend with
+    assert by_name["multiruns/2026-01-01/12-00-00/0_model-bigram"].attention_grid() is None  # nothing to attend with
 
 
 def test_a_run_without_its_log_that_stopped_short_is_partial(runs, tmp_path):
