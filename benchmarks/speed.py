@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 
 from shakespeare.cli import CONFIG_DIR, fit  # noqa: E402
 from shakespeare.cpu import keep_freed_memory  # noqa: E402
-from shakespeare.data import ShakespeareDataModule  # noqa: E402
 from shakespeare.module import ShakespeareModule  # noqa: E402
 
 RUNGS = ["multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout", "scale_up"]
@@ -168,11 +167,10 @@ def target_data(args) -> None:
     print("\n3. Windows per second through the DataModule's train loader at T=64, a whole shuffled epoch;")
     print("   target >= 1M at the default data.batch_size=1024 (batch 32, the speedrun's, for information)")
     for batch_size in (1024, 32):
-        data = ShakespeareDataModule(path=os.environ.get("SHAKESPEARE_CORPUS") or None, url=config([]).data.url,
-                                     sha256=config([]).data.sha256, sequence_length=64, batch_size=batch_size)
+        data = instantiate(config(["data.sequence_length=64", f"data.batch_size={batch_size}"]).data)
         data.setup()
-        baseline = torch.utils.data.DataLoader(PerWindow(data.tokens, data.train_starts, 64), batch_size=batch_size,
-                                               shuffle=True)
+        baseline = torch.utils.data.DataLoader(PerWindow(data.cache.ids(), data.train_windows.all(), 64),
+                                               batch_size=batch_size, shuffle=True)
         ours, theirs = [], []
         for _ in range(args.repeats):
             ours.append(windows_per_second(data.train_dataloader()))

@@ -113,7 +113,8 @@ class EpochLine(L.Callback):
 
 class ResearchLog(EpochLine):
     """Keeps `research_log.md` in the run folder, in the research log's shape: the config, the model and
-    optimizer, one line per epoch, the elapsed time, parameters, tokens/second and a generated sample.
+    optimizer, one line per epoch, the elapsed time, parameters, tokens/second, the best eval loss and the
+    test loss (with `data.test_fraction`) in nats and bits per character, and a generated sample.
 
     The file is rewritten atomically after every step of the run, so a crashed run keeps a partial entry;
     its status line says running, finished, interrupted or failed (`mark()` sets it). The epoch's
@@ -130,6 +131,7 @@ class ResearchLog(EpochLine):
         self.parameters = 0
         self.lines: list[str] = []  # epoch lines, kept across resumed sessions
         self.throughputs: list[float] = []
+        self.test_loss: float | None = None
 
     def emit(self, trainer: L.Trainer, line: str) -> None:
         self.lines.append(line)
@@ -161,6 +163,11 @@ class ResearchLog(EpochLine):
             epochs = f"{len(self.throughputs)} epoch" + ("s" if len(self.throughputs) > 1 else "")
             text += f"Throughput: {mean:,.0f} tokens/s (training, mean over {epochs})\n"
         text += f"\nResult:\n{fence}\n" + "".join(line + "\n" for line in self.lines) + f"{fence}\n"
+        if math.isfinite(self.best):
+            text += f"\nBest eval loss: {self.best:.4f} ({self.best / math.log(2):.4f} bits per character)\n"
+        if self.test_loss is not None:
+            text += (f"Test loss: {self.test_loss:.4f} ({self.test_loss / math.log(2):.4f} bits per character; "
+                     "checkpoints/best.ckpt on the test split)\n")
         if self.sample:
             text += f"\nGeneration:\n{fence}\n---------- Predict from empty input:\n{self.sample}\n{fence}\n"
         return text
@@ -206,6 +213,13 @@ class ResearchLog(EpochLine):
         super().on_train_end(trainer, module)  # appends "Training completed ..."
         if self.status == "running":  # an interruption already marked stays marked
             self.mark("finished")
+
+    @rank_zero_only
+    def on_test_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("test/loss")
+        if loss is not None:
+            self.test_loss = float(loss)
+            self.write()
 
     @rank_zero_only
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:

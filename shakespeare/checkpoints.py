@@ -167,7 +167,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-TRAINING_DATA_KEYS = ("sequence_length", "batch_size", "stride", "split", "val_fraction", "seed")
+TRAINING_DATA_KEYS = ("sequence_length", "batch_size", "stride", "split", "val_fraction", "test_fraction", "unit", "seed")
 
 
 def plain(node: DictConfig | None) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def check_accelerator(name: str) -> None:
         )
 
 
-NOT_HYPERPARAMETERS = ("hydra", "paths", "logger", "ckpt_path", "checkpoint", "callbacks", "data.url", "data.sha256", "data.cache_dir",
+NOT_HYPERPARAMETERS = ("hydra", "paths", "logger", "ckpt_path", "checkpoint", "callbacks", "data.url", "data.sha256", "data.archive_sha256", "data.cache_dir",
                        "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
@@ -207,7 +207,12 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         if (stop := interrupted(trainer, cfg)) is None:
             raise
         raise stop from None
-    return {name: float(value) for name, value in trainer.callback_metrics.items()}
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    if datamodule.has_test_split:  # the test text, read once, by the checkpoint with the best validation loss
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

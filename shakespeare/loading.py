@@ -14,7 +14,7 @@ import torch
 
 from shakespeare.errors import UsageError
 from shakespeare.model import GeneratorConfig, ShakespeareGenerator
-from shakespeare.tokenizer import CharTokenizer
+from shakespeare.tokenizer import Tokenizer, tokenizer_for
 
 BEST = Path("checkpoints") / "best.ckpt"
 EXAMPLE = "outputs/<date>/<time>_<rung>/checkpoints/best.ckpt"
@@ -63,7 +63,7 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 def load_generator(
     path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[ShakespeareGenerator, CharTokenizer]:
+) -> tuple[ShakespeareGenerator, Tokenizer]:
     """The trained model (in eval mode) and tokenizer of a checkpoint or run folder."""
     path = resolve_checkpoint(path)
     checkpoint = read_checkpoint(path, map_location)
@@ -76,7 +76,7 @@ def load_generator(
         )
     state = {k.removeprefix(PREFIX): v for k, v in checkpoint["state_dict"].items() if k.startswith(PREFIX)}
     try:
-        tokenizer = CharTokenizer(hparams["vocabulary"])
+        tokenizer = tokenizer_for(hparams["vocabulary"])  # a byte-level model's vocabulary is the 256 bytes
         model = ShakespeareGenerator(GeneratorConfig(vocab_size=len(tokenizer), **hparams["model"]))
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as err:

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 from shakespeare.errors import UsageError
 from shakespeare.inspection import LOSS_BY_POSITION, LossByPosition, position_tags
 from shakespeare.model import GeneratorConfig, ShakespeareGenerator
-from shakespeare.tokenizer import CharTokenizer
+from shakespeare.tokenizer import tokenizer_for
 
 
 class ShakespeareModule(L.LightningModule):
@@ -29,7 +29,7 @@ class ShakespeareModule(L.LightningModule):
         if scheduler:
             check_scheduler(scheduler)
         self.save_hyperparameters(logger=False)  # the run logs its curated hyperparameters itself
-        self.tokenizer = CharTokenizer(vocabulary)
+        self.tokenizer = tokenizer_for(vocabulary)  # the 256 bytes, or the text's characters
         self.model = ShakespeareGenerator(GeneratorConfig(vocab_size=len(vocabulary), **model))
         self.train_loss = MeanMetric()  # the epoch's mean: ~0.1 ms a step, where self.log costs ~1 ms a call
         if self.model.cfg.compile:
@@ -57,15 +57,27 @@ class ShakespeareModule(L.LightningModule):
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model.loss(*batch)
+        self.log("test/loss", loss, on_epoch=True, sync_dist=True)
+        return loss
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("test/loss")
+        if loss is not None:
+            self.log("test/bpc", loss / math.log(2), sync_dist=True)
+
     def on_validation_epoch_end(self) -> None:
-        """Log `val/loss_best`, the lowest epoch validation loss so far: what sweeps minimise; and the
-        epoch's validation loss at each position of the window, as `val_loss_by_position/<t>`."""
+        """Log `val/bpc` (the loss in bits per character, the unit the literature reports) and `val/loss_best`, the
+        lowest epoch validation loss so far: what sweeps minimise; and the epoch's validation loss at each position
+        of the window, as `val_loss_by_position/<t>`."""
         if self.val_loss_by_position.update_count:
             self.loss_by_position = self.val_loss_by_position.compute().tolist()  # summed over ranks: all call it
             self.val_loss_by_position.reset()
         loss = self.trainer.callback_metrics.get("val/loss")  # this epoch's, already averaged over ranks
         if self.trainer.sanity_checking or loss is None:
             return
+        self.log("val/bpc", loss / math.log(2), sync_dist=True)  # nats / ln 2
         tags = position_tags(len(self.loss_by_position), LOSS_BY_POSITION)
         for logger in self.loggers:  # T values as one logger call: T calls of self.log would cost ~T ms
             logger.log_metrics(dict(zip(tags, self.loss_by_position)), step=self.global_step)

@@ -102,6 +102,12 @@ class Run:
         return min(values) if values else None
 
     @property
+    def test_loss(self) -> float | None:
+        """The loss of best.ckpt on the test split (`data.test_fraction`), when the run tested."""
+        values = self.curve("test/loss")
+        return values[-1] if values else None
+
+    @property
     def seconds_per_epoch(self) -> float | None:
         val = self.scalars.get("val/loss")
         if not val or self.started is None:
@@ -223,11 +229,20 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
+def bits(loss: float | None) -> float | None:
+    """A loss in nats as bits per character (per byte for byte-level runs): the unit the literature reports."""
+    return None if loss is None else loss / math.log(2)
+
+
 def markdown_table(runs: list[Run]) -> str:
-    """One row per run: rung, overrides, parameters, epochs, losses, seconds/epoch, tokens/s, status, folder."""
+    """One row per run: rung, overrides, parameters, epochs, losses (and bits per character; test loss when
+    a run has a test split), seconds/epoch, tokens/s, status, folder."""
+    tested = any(run.test_loss is not None for run in runs)
+    test_columns = " test loss | test bpc |" if tested else ""
     rows = [
-        "| rung | overrides | parameters | epochs | best eval loss | log's eval loss | s/epoch | tokens/s | status | run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        f"| rung | overrides | parameters | epochs | best eval loss | log's eval loss | eval bpc |{test_columns} "
+        "s/epoch | tokens/s | status | run |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|---:|" * tested + "---:|---:|---|---|",
     ]
     estimated = False
     for run in runs:
@@ -240,13 +255,18 @@ def markdown_table(runs: list[Run]) -> str:
             f"{run.epochs}/{run.max_epochs or '?'}",
             _number(run.best_val_loss),
             _number(PUBLISHED.get(run.rung)),
+            _number(bits(run.best_val_loss)),
+            *([_number(run.test_loss), _number(bits(run.test_loss))] if tested else []),
             _number(run.seconds_per_epoch, 2),
             "-" if tokens is None else ("" if measured else "≈") + f"{tokens:,.0f}",
             run.status,
             run.name,
         ]
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    notes = ["", "log's eval loss: the research log's, measured on its random_windows split (see README)."]
+    notes = ["", "log's eval loss: the research log's, measured on its random_windows split (see README). "
+             "bpc: bits per character (per byte for data.unit=byte), the loss / ln 2."]
+    if tested:
+        notes.append("test loss: best.ckpt on the text's last data.test_fraction, after the validation split.")
     if estimated:
         notes.append("≈: estimated as steps × batch × sequence length over wall time (validation included).")
     return "\n".join(rows + notes) + "\n"

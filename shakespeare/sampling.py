@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from shakespeare.errors import UsageError
 from shakespeare.model import Block, ShakespeareGenerator
-from shakespeare.tokenizer import CharTokenizer
+from shakespeare.tokenizer import Tokenizer
 
 ON_UNKNOWN = ("error", "skip")
 HEAD_WEIGHT = re.compile(r"(.+?)(?:\.heads\.(\d+))?\.(query|key|value)\.weight")  # blocks.0.heads.heads.3.key.weight
@@ -121,7 +121,7 @@ def check_options(max_new_tokens: int, temperature: float, top_k: int | None, nu
         raise UsageError(f"num_samples={num_samples!r} must be a whole number of at least 1.")
 
 
-def encode_prompt(tokenizer: CharTokenizer, prompt: str, on_unknown: str = "error") -> torch.Tensor:
+def encode_prompt(tokenizer: Tokenizer, prompt: str, on_unknown: str = "error") -> torch.Tensor:
     """The prompt's ids; characters the model never saw are an error, or dropped with on_unknown=skip."""
     if on_unknown not in ON_UNKNOWN:
         raise UsageError(f"on_unknown={on_unknown!r} is not one of {', '.join(ON_UNKNOWN)}.")
@@ -137,7 +137,7 @@ def encode_prompt(tokenizer: CharTokenizer, prompt: str, on_unknown: str = "erro
 
 def stream(
     model: ShakespeareGenerator,
-    tokenizer: CharTokenizer,
+    tokenizer: Tokenizer,
     prompt: str = "",
     max_new_tokens: int = 500,
     temperature: float = 1.0,
@@ -164,7 +164,7 @@ def stream(
 @torch.inference_mode()
 def _steps(
     model: ShakespeareGenerator,
-    tokenizer: CharTokenizer,
+    tokenizer: Tokenizer,
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
     temperature: float,
@@ -176,7 +176,7 @@ def _steps(
     top_k = None if top_k is None or top_k >= V - 1 else top_k  # the pad id is never a candidate
     ids = torch.empty(num_samples, P + max_new_tokens, dtype=torch.long, device=prompt_ids.device)
     ids[:, :P] = prompt_ids
-    vocabulary = tokenizer.vocabulary
+    decoders = [tokenizer.stream_decoder() for _ in range(num_samples)]  # bytes become text once a character is whole
     was_training = model.training
     model.eval()
     next_character = NextCharacter(model)
@@ -194,12 +194,14 @@ def _steps(
             noise.exponential_(generator=generator).log_()
             next_ids = (logits - noise).argmax(dim=-1, keepdim=True)  # (B, 1)
             ids[:, n : n + 1] = next_ids
-            yield [vocabulary[i] for i in next_ids.view(-1).tolist()]
+            yield [decode(i) for decode, i in zip(decoders, next_ids.view(-1).tolist())]
+        if any(rest := [decode.flush() for decode in decoders]):  # a byte model's unfinished character
+            yield rest
     finally:
         model.train(was_training)
 
 
-def sample(model: ShakespeareGenerator, tokenizer: CharTokenizer, prompt: str = "", **options) -> list[str]:
+def sample(model: ShakespeareGenerator, tokenizer: Tokenizer, prompt: str = "", **options) -> list[str]:
     """The whole texts `stream` would produce (without the prompt), one per sample."""
     texts: list[list[str]] = [[] for _ in range(options.get("num_samples", 1))]
     for chars in stream(model, tokenizer, prompt, **options):

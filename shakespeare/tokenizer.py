@@ -1,14 +1,21 @@
-"""Character-level tokenizer: the corpus's sorted characters, with `<|pad|>` at id 0."""
+"""Tokenizers: a text's characters (the log's), or the 256 byte values (any file); `<|pad|>` is id 0 in both."""
 
 from __future__ import annotations
+
+import codecs
+from collections.abc import Callable
 
 import torch
 
 PAD = "<|pad|>"
+UNITS = ("char", "byte")
+BYTE_VOCABULARY = [PAD, *(f"<0x{b:02X}>" for b in range(256))]  # id = byte value + 1
 
 
 class CharTokenizer:
     """Maps characters to ids and back. Its state is a plain list of strings, so it travels in checkpoints."""
+
+    unit = "char"
 
     def __init__(self, vocabulary: list[str]):
         if not vocabulary or vocabulary[0] != PAD:
@@ -37,3 +44,55 @@ class CharTokenizer:
     def decode(self, ids: torch.Tensor | list[int], skip_pad: bool = True) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
         return "".join(self.vocabulary[i] for i in ids if not (skip_pad and i == self.pad_id))
+
+    def stream_decoder(self) -> StreamDecoder:
+        """Text for ids arriving one at a time (sampling): here simply each id's character."""
+        return StreamDecoder(lambda i: "" if i == self.pad_id else self.vocabulary[i], lambda: "")
+
+
+class ByteTokenizer:
+    """The 256 byte values as ids 1-256 (`<|pad|>` at 0): every file trains and every prompt encodes, as UTF-8.
+
+    Decoded bytes that are not valid UTF-8 become U+FFFD, so generation always prints.
+    """
+
+    unit = "byte"
+    vocabulary = BYTE_VOCABULARY
+    pad_id = 0
+
+    def __len__(self) -> int:
+        return len(self.vocabulary)
+
+    def unknown(self, text: str) -> list[str]:
+        return []
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long) + 1
+
+    def decode(self, ids: torch.Tensor | list[int], skip_pad: bool = True) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        return bytes(i - 1 for i in ids if i != self.pad_id).decode("utf-8", errors="replace")
+
+    def stream_decoder(self) -> StreamDecoder:
+        """Text for byte ids arriving one at a time: a character split over several bytes appears once complete."""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return StreamDecoder(lambda i: utf8.decode(bytes((i - 1,))) if i != self.pad_id else "",
+                             lambda: utf8.decode(b"", final=True))
+
+
+class StreamDecoder:
+    """`decoder(id)` is the text that id completes (maybe ""); `decoder.flush()` what is left at the end."""
+
+    def __init__(self, step: Callable[[int], str], flush: Callable[[], str]):
+        self.step, self.flush = step, flush
+
+    def __call__(self, i: int) -> str:
+        return self.step(i)
+
+
+Tokenizer = CharTokenizer | ByteTokenizer
+
+
+def tokenizer_for(vocabulary: list[str]) -> Tokenizer:
+    """The tokenizer a vocabulary (as checkpoints keep it) describes: the byte vocabulary, or characters."""
+    return ByteTokenizer() if list(vocabulary) == BYTE_VOCABULARY else CharTokenizer(vocabulary)

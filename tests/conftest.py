@@ -27,6 +27,14 @@ def write_corpus(path: Path, n_chars: int = 20_000, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def cache_in_a_temporary_folder(tmp_path_factory):
+    """Downloads and token caches made by the tests go to a temporary folder, not ~/.cache/shakespeare."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SHAKESPEARE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "corpus.txt")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import os
 import re
 import shutil
@@ -62,16 +63,18 @@ def test_report_lists_every_run_with_its_figures_and_status(runs, tmp_path, caps
     rows = {row.split(" | ")[-1].rstrip(" |"): row for row in table.splitlines() if row.startswith("| ") and "---" not in row}
     bigram, head = rows["multiruns/2026-01-01/12-00-00/0_model-bigram"], rows["multiruns/2026-01-01/12-00-00/1_model-head"]
     crashed = rows["multiruns/2026-01-01/12-00-00/2_model-multihead"]
-    # rung | overrides | parameters | epochs | best eval loss | log's eval loss | s/epoch | tokens/s | status | run
+    # rung | overrides | parameters | epochs | best eval loss | log's eval loss | eval bpc | s/epoch | tokens/s | status | run
+    assert "test loss" not in table  # no run has a test split
     cells = bigram.strip("| ").split(" | ")
     assert cells[:4] == ["bigram", "`trainer.max_epochs=2` `data.batch_size=32`", "2,025", "2/2"]  # 45 x 45 logits
-    assert re.fullmatch(r"\d\.\d{4}", cells[4]) and cells[5] == "2.4613" and cells[8] == "finished"
-    assert re.fullmatch(r"\d+\.\d\d", cells[6]) and re.fullmatch(r"[\d,]+", cells[7])  # measured tokens/s
+    assert re.fullmatch(r"\d\.\d{4}", cells[4]) and cells[5] == "2.4613" and cells[9] == "finished"
+    assert float(cells[6]) == pytest.approx(float(cells[4]) / math.log(2), abs=2e-4)  # bits per character
+    assert re.fullmatch(r"\d+\.\d\d", cells[7]) and re.fullmatch(r"[\d,]+", cells[8])  # measured tokens/s
     cells = head.strip("| ").split(" | ")
-    assert cells[0] == "head" and cells[5] == "2.3073" and cells[8] == "finished"  # from events alone
+    assert cells[0] == "head" and cells[5] == "2.3073" and cells[9] == "finished"  # from events alone
     cells = crashed.strip("| ").split(" | ")
-    assert cells[3] == "1/3" and cells[8] == "failed (RuntimeError: disk on fire)"
-    assert rows["died"].strip("| ").split(" | ")[8] == "failed (no epoch finished)"
+    assert cells[3] == "1/3" and cells[9] == "failed (RuntimeError: disk on fire)"
+    assert rows["died"].strip("| ").split(" | ")[9] == "failed (no epoch finished)"
     assert "garbled" in rows
     assert (tmp_path / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert [run.rung for run in load_runs(runs)][:3] == ["bigram", "bigram", "head"]  # ladder order
