@@ -1,5 +1,5 @@
-"""What looking inside a rung costs a run: the attention grid and loss-by-position picture after every
-validation, the loss by position inside validation, the character embeddings at the end.
+"""What looking inside a rung costs a run: the attention grid after every validation (a side pass over one
+passage, drawn with Pillow), the loss by position inside validation, the character embeddings at the end.
 
     python benchmarks/inspection.py                          # block_norm_dropout at the ladder's settings, 2 epochs
     python benchmarks/inspection.py --rung multihead --epochs 3 --repeats 7
@@ -108,7 +108,7 @@ def main() -> None:
     print(f"\n{args.rung}, batch 1024, sequence 8: {args.epochs} epochs of {steps} steps, torch threads {torch.get_num_threads()}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in before)}; after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"epoch (training + validation), median:             {epoch:8.2f} s")
-    print(f"attention grid + loss-by-position picture, per validation: {1e3 * side:8.1f} ms  "
+    print(f"attention side pass + grid, per validation:        {1e3 * side:8.1f} ms  "
           f"({100 * side / epoch:.2f}% of an epoch; first {1e3 * run.validations[0]:.1f} ms)")
     print(f"loss by position inside validation, per epoch:     {1e3 * extra:8.1f} ms  ({100 * extra / epoch:.2f}%; "
           f"validation {statistics.median(plain):.2f} s plain vs {statistics.median(by_position):.2f} s per position, "

@@ -21,7 +21,6 @@ from shakespeare.inspection import (
     attention_maps,
     character_embeddings,
     held_out_passage,
-    loss_by_position_figure,
 )
 from shakespeare.sampling import check_options, sample
 
@@ -320,17 +319,17 @@ class FiniteLoss(L.Callback):
 
 class Inspection(L.Callback):
     """What a rung learned, in TensorBoard: after every validation, the attention weights of every layer
-    and head over a fixed held-out passage (Images tab, `inspection/attention`) and the validation loss by
-    position in the window (`inspection/loss_by_position`); at the end of training the character
-    embeddings, labelled by character, in the Projector.
+    and head over a fixed held-out passage (Images tab, `inspection/attention`); at the end of training the
+    character embeddings, labelled by character, in the Projector. (The validation loss by position in
+    the window is the module's: Scalars `val_loss_by_position/<t>`.)
 
     The passage is the first validation window that starts a line, taken from the first validation batch,
     so it is the same every epoch. The weights come from a side pass over that one passage: training and
     its fused or flash attention are untouched. Writes on rank zero, to TensorBoard loggers only.
     """
 
-    def __init__(self, attention: bool = True, loss_by_position: bool = True, embeddings: bool = True) -> None:
-        self.attention, self.loss_by_position, self.embeddings = attention, loss_by_position, embeddings
+    def __init__(self, attention: bool = True, embeddings: bool = True) -> None:
+        self.attention, self.embeddings = attention, embeddings
         self.passage: torch.Tensor | None = None
 
     @staticmethod
@@ -344,18 +343,14 @@ class Inspection(L.Callback):
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         writers = self.writers(trainer)
-        if trainer.sanity_checking or not writers:
+        if trainer.sanity_checking or not writers or not self.attention or self.passage is None:
             return
-        step = trainer.global_step
-        if self.attention and self.passage is not None and attention_layers(module.model):
-            maps = attention_maps(module.model, self.passage.to(module.device))
-            grid = attention_grid(maps, module.tokenizer.decode(self.passage, skip_pad=False))
-            for writer in writers:
-                writer.add_image("inspection/attention", grid, global_step=step, dataformats="HWC")
-        if self.loss_by_position and module.loss_by_position:
-            figure = loss_by_position_figure([(f"step {step}", module.loss_by_position)])
-            for writer in writers:
-                writer.add_figure("inspection/loss_by_position", figure, global_step=step)
+        if not attention_layers(module.model):  # the bigram
+            return
+        maps = attention_maps(module.model, self.passage.to(module.device))
+        grid = attention_grid(maps, module.tokenizer.decode(self.passage, skip_pad=False))
+        for writer in writers:
+            writer.add_image("inspection/attention", grid, global_step=trainer.global_step, dataformats="HWC")
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:

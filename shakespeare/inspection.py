@@ -8,6 +8,7 @@ before they are averaged.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -83,17 +84,26 @@ def held_out_passage(windows: torch.Tensor, tokenizer: CharTokenizer) -> torch.T
     return windows[0].clone()
 
 
+@functools.cache
+def label_font():
+    """DejaVu Sans, matplotlib's own font: it has the glyphs `readable` uses."""
+    import matplotlib
+    from PIL import ImageFont
+
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), 11)
+
+
 def attention_grid(maps: list[tuple[str, torch.Tensor]], passage: str, max_cell: int = 20) -> np.ndarray:
     """One picture (H, W, 3 uint8) of every layer's (rows) every head's (columns) weights: in each map row
     t is what position t attends to, 0 dark to 1 bright (viridis), with the passage's characters on both
     axes while they fit. Drawn with Pillow: a few milliseconds, where matplotlib takes a few hundred."""
     import matplotlib
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     T = maps[0][1].shape[-1]
     cell = max(1, min(max_cell, 160 // T))  # pixels per position: a map is 160-ish pixels wide
     labelled = cell >= 12
-    font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), 11)
+    font = label_font()
     margin, title, gap = (14 if labelled else 4), 16, 10
     side = T * cell
     columns = max(weights.shape[0] for _, weights in maps)
@@ -154,17 +164,6 @@ def plot_loss_by_position(ax, curves: list[tuple[str, list[float]]]) -> None:
     ax.grid(alpha=0.3)
     if len(curves) > 1:
         ax.legend(fontsize="small")
-
-
-def loss_by_position_figure(curves: list[tuple[str, list[float]]]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 3.2), layout="constrained")
-    plot_loss_by_position(fig.subplots(), curves)
-    return fig
 
 
 def character_embeddings(model: nn.Module, vocabulary: list[str]) -> tuple[torch.Tensor, list[str]]:

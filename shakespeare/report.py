@@ -349,6 +349,8 @@ def write_figures(runs: list[Run], folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--figures {str(folder)!r} is a file; pass a folder to write the pictures into, e.g. docs.")
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     curves = [(label, run.loss_by_position) for run, label in zip(runs, labels(runs)) if run.loss_by_position]
