@@ -51,7 +51,7 @@ class GeneratorConfig:
     norm: str = "layer"  # layer: LayerNorm (the log's); rms: RMSNorm (no mean, no bias)
     position: str = "learned"  # learned: an Embedding added to the input (the log's); rope: rotary, inside attention
     activation: str = "gelu"  # the feed-forward's: gelu (the log's); relu2: relu(x)²
-    qk_norm: bool = False  # RMS-normalise each head's queries and keys before the rotation
+    qk_norm: bool = False  # normalise each head's queries and keys (with `norm`) before the rotation
     compile: bool = False  # torch.compile the model; ShakespeareModule applies it
 
     def __post_init__(self) -> None:
@@ -233,25 +233,25 @@ class FusedAttention(nn.Module):
 
 class Rotary(nn.Module):
     """Rotary position embedding (RoPE): turns each pair of a head's query and key channels by an angle
-    proportional to the position, so their dot product depends on how far apart the two positions are."""
+    proportional to the position, so their dot product depends on how far apart the two positions are.
+    A pair is a complex number and a turn a multiplication (one kernel, where cos/sin take five)."""
 
     def __init__(self, head_size: int, sequence_length: int, base: float = 10000.0):
         super().__init__()
         self.head_size, self.base = head_size, base
         frequencies = base ** -(torch.arange(0, head_size, 2).float() / head_size)  # (hs/2,)
         angles = torch.outer(torch.arange(sequence_length).float(), frequencies)  # (T, hs/2)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("turns", torch.polar(torch.ones_like(angles), angles), persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q (B, H, Tq, hs) holds the last Tq of the Tk positions in k (B, H, Tk, hs)."""
         Tq, Tk = q.shape[-2], k.shape[-2]
-        return self.rotate(q, Tk - Tq, Tk), self.rotate(k, 0, Tk)
+        return self.rotate(q, self.turns[Tk - Tq : Tk]), self.rotate(k, self.turns[:Tk])
 
-    def rotate(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        cos, sin = self.cos[start:end], self.sin[start:end]  # (T, hs/2)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    @staticmethod
+    def rotate(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T, hs/2)
+        return torch.view_as_real(pairs * turns).flatten(-2).type_as(x)
 
     def extra_repr(self) -> str:
         return f"head_size={self.head_size}, base={self.base:g}"
@@ -270,13 +270,13 @@ class RotaryAttention(FusedAttention):
 
 
 class QKNormAttention(RotaryAttention):
-    """Rotary attention whose queries and keys are RMS-normalised per head first (QK-norm): the attention
-    logits stay bounded however large the weights grow, so higher learning rates stay stable."""
+    """Rotary attention whose queries and keys are normalised per head first (QK-norm, with the model's norm):
+    the attention logits stay bounded however large the weights grow, so higher learning rates stay stable."""
 
     def __init__(self, cfg: GeneratorConfig, num_heads: int, projection: bool):
         super().__init__(cfg, num_heads, projection)
-        self.query_norm = nn.RMSNorm(cfg.embedding_size // num_heads)
-        self.key_norm = nn.RMSNorm(cfg.embedding_size // num_heads)
+        self.query_norm = NORMS[cfg.norm](cfg.embedding_size // num_heads)
+        self.key_norm = NORMS[cfg.norm](cfg.embedding_size // num_heads)
 
     def queries_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return super().queries_keys(self.query_norm(q), self.key_norm(k))

@@ -67,3 +67,20 @@ def test_a_muon_run_checkpoints_plain_data_and_resumes_exactly(tmp_path, corpus)
         torch.testing.assert_close(got["state_dict"][name], tensor, rtol=0, atol=1e-6)
     momentum = got["optimizer_states"][0]["muon"]["state"]
     assert momentum and all("momentum_buffer" in s for s in momentum.values())
+
+
+def test_cpu_orthogonalisation_is_torchs_iteration_in_float32():
+    import torch.optim._muon as torch_muon
+
+    from shakespeare.muon import BFLOAT16_NEWTON_SCHULZ, newton_schulz
+
+    grad = torch.randn(96, 32)
+    ours = newton_schulz(grad, (3.4445, -4.775, 2.0315), 5, 1e-7)
+    assert ours.dtype == torch.float32 and ours.shape == grad.shape
+    singular = torch.linalg.svdvals(ours)
+    assert singular.min() > 0.5 and singular.max() < 1.5  # Muon's "roughly orthogonal"
+    torch.testing.assert_close(ours, BFLOAT16_NEWTON_SCHULZ(grad, (3.4445, -4.775, 2.0315), 5, 1e-7).float(), atol=0.02, rtol=0)
+    optimizer = MuonAdamW([("blocks.0.weight", torch.nn.Parameter(grad.clone()))])
+    optimizer.param_groups[0]["params"][0].grad = torch.randn(96, 32)
+    optimizer.step()
+    assert torch_muon._zeropower_via_newtonschulz is BFLOAT16_NEWTON_SCHULZ  # torch's own again after the step
