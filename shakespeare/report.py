@@ -19,7 +19,8 @@ from shakespeare.callbacks import TOKENS_PER_SECOND
 from shakespeare.errors import UsageError
 from shakespeare.inspection import LOSS_BY_POSITION, plot_loss_by_position
 
-LADDER = ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout", "scale_up"]
+LADDER = ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout", "scale_up",
+          "rmsnorm", "rope", "relu2", "qk_norm", "muon"]
 # Eval loss in the research log (its random_windows split; scale_up: the best of the 3 epochs it saw).
 PUBLISHED = {
     "bigram": 2.4613,
@@ -87,6 +88,16 @@ class Run:
     def checkpoint(self) -> Path | None:
         """The checkpoint the run's sample is written with: its best, else its last."""
         return next((c for c in (self.path / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")) if c.is_file()), None)
+
+    @property
+    def time_budget(self) -> float | None:
+        """trainer.max_time in seconds, None for a run without one."""
+        from shakespeare.config import time_budget
+
+        try:
+            return time_budget(self.config.get("trainer", {}).get("max_time"))
+        except UsageError:
+            return None
 
     @property
     def epochs(self) -> int:
@@ -272,6 +283,22 @@ def markdown_table(runs: list[Run]) -> str:
     return "\n".join(rows + notes) + "\n"
 
 
+def budget_table(runs: list[Run]) -> str:
+    """The runs trained for a time budget (trainer.max_time), in ladder order: each one's validation loss when
+    its time was up and what it gained over the run above it (`python train.py -m experiment=modern_ladder`)."""
+    rows = ["| rung | time budget | steps | val loss at the budget | gain over the rung above |", "|---|---:|---:|---:|---:|"]
+    before = None
+    for run in (run for run in runs if run.time_budget is not None):
+        final = run.scalars.get("val/loss", [])[-1:] or [(None, None, None)]
+        step, _, loss = final[0]
+        gain = before - loss if before is not None and loss is not None else None
+        cells = [run.rung, f"{run.time_budget:.0f} s", "-" if step is None else f"{step:,}", _number(loss),
+                 "-" if gain is None else f"{gain:+.4f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+        before = loss if loss is not None else before
+    return "\n".join(rows) + "\n" if len(rows) > 2 else ""
+
+
 def labels(runs: list[Run]) -> list[str]:
     """Short names for plot legends: the rung and the overrides that differ between the runs."""
     common = set.intersection(*(set(run.overrides) for run in runs)) if runs else set()
@@ -377,6 +404,8 @@ def write_report(
     out = Path(out or folder).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)
+    if budgets := budget_table(runs):
+        table += f"\nThe same time budget each (trainer.max_time), losses on the whole held-out text:\n\n{budgets}"
     plot = plot_validation_curves(runs, out / "val_curves.png")
     samples = "\n" + samples_section(runs, prompt, seed, sample_length) if sample_length else ""
     report = out / "report.md"

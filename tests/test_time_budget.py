@@ -1,4 +1,5 @@
-"""Any time budget, one override: trainer.max_time ends every run annealed, resumed runs included.
+"""Any time budget, one override: trainer.max_time ends every run annealed, resumed runs included; the modern
+ladder trains every rung for one budget and the report compares them.
 
 Lightning's Timer (the clock that stops a run at trainer.max_time) reads a fake clock here that advances
 one second per training step, so the tests never sleep and never depend on the machine's speed.
@@ -7,15 +8,19 @@ one second per training step, so the tests never sleep and never depend on the m
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import lightning.pytorch.callbacks.timer as lightning_timer
 import pytest
 import torch
 
+from omegaconf import OmegaConf
+
 import shakespeare.cli as cli
 from shakespeare.errors import Interrupted, UsageError
 from shakespeare.module import warmup_cosine
+from shakespeare.report import Run, budget_table
 from tests.conftest import compose_train
 
 BUDGET = 10  # seconds of fake time: ten training steps
@@ -107,3 +112,33 @@ def test_time_spent_counts_in_the_cosine_once_past_the_warm_up():
     assert warmup_cosine(20, float("inf"), 10, 0.1, time_spent=1.0) == pytest.approx(0.1)
     assert warmup_cosine(20, 30, 10, 0.0, time_spent=0.0) == pytest.approx(0.5)  # steps further along than time
     assert warmup_cosine(20, 30, 10, 0.0, time_spent=1.0) == pytest.approx(0.0)  # time further along than steps
+
+
+LADDER_RUNGS = ["block_norm_dropout", "rmsnorm", "rope", "relu2", "qk_norm", "muon"]
+
+
+def test_the_modern_ladder_sweeps_every_rung_from_block_norm_dropout_up_for_one_budget(tmp_path):
+    sweep = compose_train(tmp_path, ["experiment=modern_ladder"]).hydra.sweeper.params
+    assert sweep["rung"].split(",") == LADDER_RUNGS
+    jobs = {rung: compose_train(tmp_path, ["experiment=modern_ladder", f"rung={rung}"]) for rung in LADDER_RUNGS}
+    assert [cfg.model.name for cfg in jobs.values()] == LADDER_RUNGS
+    assert [cfg.optimizer._target_.rsplit(".", 1)[-1] for cfg in jobs.values()] == ["AdamW"] * 5 + ["MuonAdamW"]
+    assert jobs["muon"].model.keys() == jobs["qk_norm"].model.keys()
+    assert {k: v for k, v in jobs["muon"].model.items() if k != "name"} == {k: v for k, v in jobs["qk_norm"].model.items() if k != "name"}
+    for key in ("trainer.max_time", "model.embedding_size", "model.num_blocks", "data.sequence_length", "model.dropout"):
+        assert len({str(OmegaConf.select(cfg, key)) for cfg in jobs.values()}) == 1, key
+
+
+def test_the_report_gives_each_rungs_loss_at_the_budget_and_its_gain_over_the_rung_before():
+    def run(rung: str, losses: list[float], max_time: str | None = "00:00:02:00") -> Run:
+        return Run(path=Path(rung), name=rung, config={"model": {"name": rung}, "trainer": {"max_time": max_time}},
+                   scalars={"val/loss": [(100 * (i + 1), 0.0, loss) for i, loss in enumerate(losses)]})
+
+    table = budget_table([run("block_norm_dropout", [2.0, 1.8]), run("rmsnorm", [1.9, 1.85]), run("rope", [1.7]),
+                          run("bigram", [2.5], max_time=None)])
+    assert table.splitlines()[2:] == [
+        "| block_norm_dropout | 120 s | 200 | 1.8000 | - |",
+        "| rmsnorm | 120 s | 200 | 1.8500 | -0.0500 |",
+        "| rope | 120 s | 100 | 1.7000 | +0.1500 |",
+    ]
+    assert budget_table([run("bigram", [2.5], max_time=None)]) == ""
