@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -30,12 +33,24 @@ STATUSES = ("running", "finished", "interrupted", "failed")
 
 
 def console(trainer: L.Trainer, line: str) -> None:
-    """Print above Lightning's progress bar instead of through it."""
+    """Print above Lightning's progress bar instead of through it. (tqdm's own `write`: Lightning's
+    `bar.print` drops the line once the training bar is closed, as it is when training ends.)"""
     bar = trainer.progress_bar_callback
-    if bar is not None and hasattr(bar, "print"):
-        bar.print(line)
+    if isinstance(bar, TQDMProgressBar) and bar.is_enabled:
+        Tqdm.write(line, file=sys.stdout)
     else:
         print(line, flush=True)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar, drawn only on a terminal. When stdout is a file or a pipe (CI, SLURM,
+    `| tee`) every redraw would be written out, thousands of characters a line, so the bar stays off there
+    and the run prints its epoch lines alone."""
+
+    def __init__(self, refresh_rate: int = 1, leave: bool = False) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=leave)
+        if not sys.stdout.isatty():
+            self.disable()
 
 
 def epoch_line(epoch: int, max_epochs: int, seconds: float, train: float | None, val: float | None, best: bool) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -21,6 +22,7 @@ from shakespeare.config import time_budget
 from shakespeare.errors import UsageError
 
 LAST = "last.ckpt"
+SIGNAL_LOG = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -82,9 +84,15 @@ class InterruptCheckpoint(Checkpoint):
         self.signal = "SIGINT"
         signal.signal(signal.SIGINT, self._previous_sigint)
         rank_zero_info("\nCtrl-C: saving a checkpoint after this step (press Ctrl-C again to quit without saving) ...")
+        SIGNAL_LOG.addFilter(self._own_sigterm)  # Lightning would announce the SIGTERM as if the user had sent one
         signal.raise_signal(signal.SIGTERM)
 
+    @staticmethod
+    def _own_sigterm(record: logging.LogRecord) -> bool:
+        return "Received SIGTERM" not in record.getMessage()
+
     def _restore_sigint(self) -> None:
+        SIGNAL_LOG.removeFilter(self._own_sigterm)
         if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None

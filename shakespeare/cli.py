@@ -34,6 +34,7 @@ from shakespeare.config import CONFIG_DIR, check_config, run_overrides
 from shakespeare.cpu import keep_freed_memory, set_threads
 from shakespeare.errors import Interrupted, UsageError
 from shakespeare.module import ShakespeareModule
+from shakespeare.noise import silence_known_noise
 from shakespeare.sweep import record_failure
 
 log = logging.getLogger("shakespeare")
@@ -181,6 +182,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     keep_freed_memory()
     datamodule = build(cfg.data)
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.paths.log_dir)
+    silence_known_noise(resuming=ckpt_path is not None)
     checkpoint = read_checkpoint(ckpt_path) if ckpt_path else None
     if checkpoint:
         check_resumable(checkpoint, ckpt_path, cfg, datamodule.tokenizer.vocabulary)

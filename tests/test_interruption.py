@@ -104,6 +104,7 @@ def interrupt_at(step: int, sig: signal.Signals, args: list[str], tmp_path):
 def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, corpus):
     out, run = interrupt_at(7, signal.SIGINT, [f"data.path={corpus}", *RUN], tmp_path)
     assert run_folders(tmp_path) == [run]
+    assert out.count("Ctrl-C: saving a checkpoint") == 1 and "SIGTERM" not in out  # one interruption, one message
     assert_interrupted(out, run, signal.SIGINT, step=7, epoch=1, corpus=corpus)
 
 

@@ -123,3 +123,37 @@ def test_a_sweep_job_folder_pastes_unquoted_into_ckpt_path(overrides, tmp_path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         assert compose("generate", overrides=[f"ckpt_path={folder}"]).ckpt_path == folder
+
+
+def test_on_a_terminal_the_bar_is_drawn_and_the_end_of_training_sample_still_printed(tiny_cfg, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # capsys's stdout, as a terminal would be
+    fit(tiny_cfg("model=bigram", "trainer.enable_progress_bar=true", "callbacks.progress_bar.refresh_rate=1",
+                 "callbacks.generation_sample.max_new_tokens=30"))
+    out = capsys.readouterr().out
+    assert "Epoch 0: 100%" in out and "it/s" in out  # Lightning's bar
+    assert "Generation:\n---------- Predict from empty input:\n" in out  # printed after the bar was closed
+
+
+def test_piped_the_bar_is_off(tiny_cfg, capsys):
+    fit(tiny_cfg("model=bigram", "trainer.enable_progress_bar=true", "callbacks.progress_bar.refresh_rate=1"))
+    out = capsys.readouterr().out
+    assert "it/s" not in out and "\r" not in out and "0/1 -- " in out and "Generation:" in out
+
+
+@pytest.mark.slow
+def test_a_run_piped_to_a_file_prints_epoch_lines_and_no_noise(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    args = [f"data.path={corpus}", "model=block_norm_dropout", "data.batch_size=32", "trainer.limit_train_batches=40",
+            "trainer.limit_val_batches=2", "callbacks.progress_bar.refresh_rate=1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for epochs, resume in ((1, []), (2, ["ckpt_path=last"])):
+        log = tmp_path / f"log{epochs}.txt"
+        with open(log, "w") as out:  # stdout is a file, as under CI, SLURM or `| tee`
+            code = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"trainer.max_epochs={epochs}", *resume],
+                                  cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=300).returncode
+        text = log.read_text()
+        assert code == 0, text[-3000:]
+        assert f"{epochs - 1}/{epochs} -- " in text and "Training completed" in text and "Generation:" in text
+        assert "\r" not in text and "it/s" not in text and len(text.splitlines()) < 60  # nothing per batch
+        for noise in ("litlogger", "LeafSpec", "exists and is not empty"):
+            assert noise not in text, text
