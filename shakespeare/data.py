@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -221,21 +220,18 @@ class ShakespeareDataModule(L.LightningDataModule):
         self._tokenizer: Tokenizer | None = None
         self.train_windows = self.val_windows = self.test_windows = None
 
-    def sources(self) -> tuple[list[Path], dict[Path, str]]:
-        """The text files, in order, and the SHA-256s already verified (a downloaded corpus's)."""
-        if self.hparams.path:
-            return text_files(self.hparams.path), {}
+    def load_tokens(self) -> TokenCache:
+        """The text's token cache: `data.path`'s files, or the corpus at `data.url`, which is downloaded and
+        verified only if its tokens are not cached yet (they are keyed by its published SHA-256)."""
         hp = self.hparams
-        text = fetch_corpus(hp.url, hp.sha256, hp.cache_dir, hp.file, hp.archive_sha256)
-        return [text], {text: hp.sha256}
+        if hp.path:
+            return load_tokens(text_files(hp.path), hp.unit, hp.cache_dir)
+        fetch = lambda: [fetch_corpus(hp.url, hp.sha256, hp.cache_dir, hp.file, hp.archive_sha256)]  # noqa: E731
+        return load_tokens(fetch, hp.unit, hp.cache_dir, digests=[hp.sha256])
 
     def prepare_data(self) -> None:
         if self.cache is None:
-            load_tokens(*self._cache_arguments())  # downloads and encodes once, on one process per machine
-
-    def _cache_arguments(self) -> tuple:
-        files, known = self.sources()
-        return files, self.hparams.unit, self.hparams.cache_dir, known
+            self.load_tokens()  # downloads and encodes once, on one process per machine
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -249,7 +245,7 @@ class ShakespeareDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.cache is not None:
             return
-        self.cache = load_tokens(*self._cache_arguments())
+        self.cache = self.load_tokens()
         self._tokenizer = tokenizer_for(self.cache.vocabulary)
         self.train_windows, self.val_windows, self.test_windows = self._split(self.cache.lengths)
 
@@ -272,7 +268,7 @@ class ShakespeareDataModule(L.LightningDataModule):
             val = Windows.spanning(bounds, val_cut, test_cut, T, held_out_stride)
         test = Windows.spanning(bounds, test_cut, n, T, held_out_stride) if test_chars else None
         if len(train) == 0 or len(val) == 0 or (hp.test_fraction and not test):
-            source = hp.path or self.sources()[0][0]
+            source = hp.path or hp.file or hp.url
             tested = f" and {len(test or [])} test windows" if hp.test_fraction else ""
             raise UsageError(
                 f"data.sequence_length={T} is too long for {str(source)!r}: its {n} characters leave "

@@ -159,6 +159,19 @@ def data_config(name: str) -> DictConfig:
     return OmegaConf.load(Path(CONFIG_DIR) / "data" / f"{name}.yaml")
 
 
+def test_a_cached_corpus_needs_neither_its_text_nor_the_network(tmp_path, corpus):
+    from shakespeare.data import ShakespeareDataModule
+
+    settings = dict(url=corpus.as_uri(), sha256=sha256(corpus.read_bytes()), file="tiny.txt", cache_dir=str(tmp_path))
+    first = ShakespeareDataModule(**settings)
+    first.setup()
+    (tmp_path / "tiny.txt").unlink()
+    corpus.unlink()  # offline, and the downloaded text gone: its tokens are keyed by its published SHA-256
+    again = ShakespeareDataModule(**settings)
+    again.setup()
+    assert torch.equal(again.cache.tokens, first.cache.tokens) and again.tokenizer.vocabulary == first.tokenizer.vocabulary
+
+
 def test_shakespeare_corpus_names_a_local_copy(corpus, monkeypatch):
     monkeypatch.setenv("SHAKESPEARE_CORPUS", str(corpus))
     assert data_config("shakespeare").path == str(corpus)
@@ -254,6 +267,20 @@ def test_a_stale_or_damaged_cache_is_rebuilt_never_trusted(tmp_path, corpus, cap
         assert "encoding the text again" in caplog.text
 
 
+def test_the_checksum_covers_every_block(tmp_path, monkeypatch):
+    monkeypatch.setattr(token_cache, "BLOCK", 64)  # 1000 bytes: 16 blocks, hashed in parallel
+    data = bytearray(random.Random(0).randbytes(1000))
+    path = tmp_path / "tokens.bin"
+    path.write_bytes(data)
+    blocks = b"".join(hashlib.sha256(data[i : i + 64]).digest() for i in range(0, 1000, 64))
+    assert token_cache.checksum(path) == hashlib.sha256(blocks).hexdigest()
+    for i in (0, 500, 999):
+        flipped = data.copy()
+        flipped[i] ^= 1
+        path.write_bytes(flipped)
+        assert token_cache.checksum(path) != hashlib.sha256(blocks).hexdigest()
+
+
 def test_concurrent_runs_encode_once(tmp_path, corpus, monkeypatch):
     calls, real = [], token_cache.encode
     barrier = threading.Barrier(3)
@@ -261,7 +288,7 @@ def test_concurrent_runs_encode_once(tmp_path, corpus, monkeypatch):
     def slow_encode(*args):
         calls.append(args)
         threading.Event().wait(0.3)  # long enough for the other runs to find the lock taken
-        real(*args)
+        return real(*args)
 
     monkeypatch.setattr(token_cache, "encode", slow_encode)
     results = []
@@ -282,7 +309,7 @@ def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path, corpus, monke
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(token_cache.os, "fsync", no_space)
+    monkeypatch.setattr(token_cache.os, "replace", no_space)
     with pytest.raises(UsageError, match="Could not write the token cache .*No space left on device.*SHAKESPEARE_CACHE"):
         load_tokens([corpus], "char", tmp_path / "cache")
     assert [p.name for p in (tmp_path / "cache" / "tokens").iterdir() if not p.name.endswith(".lock")] == []
