@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from shakespeare.errors import UsageError
 from shakespeare.inspection import (
+    LOSS_BY_POSITION,
     attention_grid,
     attention_layers,
     attention_maps,
@@ -335,8 +336,8 @@ class FiniteLoss(L.Callback):
 class Inspection(L.Callback):
     """What a rung learned, in TensorBoard: after every validation, the attention weights of every layer
     and head over a fixed held-out passage (Images tab, `inspection/attention`); at the end of training the
-    character embeddings, labelled by character, in the Projector. (The validation loss by position in
-    the window is the module's: Scalars `val_loss_by_position/<t>`.)
+    character embeddings, labelled by character, in the Projector; and one chart of the validation loss at
+    every position of the window (Custom Scalars tab; the module logs them as `val_loss_by_position/<t>`).
 
     The passage is the first validation window that starts a line, taken from the first validation batch,
     so it is the same every epoch. The weights come from a side pass over that one passage: training and
@@ -350,6 +351,12 @@ class Inspection(L.Callback):
     @staticmethod
     def writers(trainer: L.Trainer) -> list:
         return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        chart = {"validation loss at each position of the window": ["Multiline", [rf"^{LOSS_BY_POSITION}/"]]}
+        for writer in self.writers(trainer):
+            writer.add_custom_scalars({"loss by position": chart})
 
     def on_validation_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.passage is None and batch_idx == 0:

@@ -140,6 +140,12 @@ def test_tensorboard_server_shows_attention_loss_by_position_and_embeddings(tiny
         curve = [get("/scalars/scalars?" + urllib.parse.urlencode({"run": "run", "tag": tag}))[-1][2] for tag in sorted(tags)]
         val = get("/scalars/scalars?" + urllib.parse.urlencode({"run": "run", "tag": "val/loss"}))[-1][2]
         assert np.mean(curve) == pytest.approx(val, rel=1e-5) and all(0 < loss < 10 for loss in curve)
+        [category] = get("/custom_scalars/layout")["category"]  # all positions in one chart
+        [chart] = category["chart"]
+        assert category["title"] == "loss by position" and chart["multiline"]["tag"] == [f"^{LOSS_BY_POSITION}/"]
+        query = urllib.parse.urlencode({"run": "run", "tag": chart["multiline"]["tag"][0]})
+        lines = get(f"/custom_scalars/scalars?{query}")
+        assert sorted(lines["tag_to_events"]) == position_tags(8, LOSS_BY_POSITION)
 
         assert get("/projector/runs") == ["run"]
         [embedding] = get("/projector/info?run=run")["embeddings"]
