@@ -3,11 +3,12 @@ passage, drawn with Pillow), the loss by position inside validation, the charact
 
     python benchmarks/inspection.py                          # block_norm_dropout at the ladder's settings, 2 epochs
     python benchmarks/inspection.py --rung multihead --epochs 3 --repeats 7
+    python benchmarks/inspection.py trainer.limit_train_batches=50     # any config override: a quick look
 
 One real training run (batch 1024, sequence 8, the ladder's settings) with the Inspection callback, its hooks
 timed from the inside, so the epoch they are compared with is the same epoch; then, on that run's trained
-model, validation with the loss kept per position against validation with the plain mean loss (interleaved,
-medians). Prints each cost, its share of an epoch (target: <= 2%) and the load average. Run it from the
+model, the validation loss kept per position against the plain mean loss (on each batch's logits, both ways
+in alternating order; medians of the passes). Prints each cost, its share of an epoch (target: <= 2%) and the load average. Run it from the
 repository root.
 """
 
@@ -69,50 +70,56 @@ class TimedInspection(Inspection):
         self.module, self.batches = module, list(trainer.val_dataloaders)
 
 
-def validation_pass(module, batches, by_position: bool) -> float:
-    """Seconds for the validation step's loss over `batches`: the mean alone, or kept per position too."""
-    metric = LossByPosition(module.model.cfg.sequence_length)
-    start = time.perf_counter()
+def validation_passes(module, batches) -> tuple[float, float]:
+    """Seconds for the validation step's loss over `batches` past the forward pass, which is the same both
+    ways: (the mean alone, kept per position too). Each batch's logits are computed once and both ways time
+    only what follows, back to back in alternating order, so a busy neighbour slows both alike."""
+    model, metric = module.model, LossByPosition(module.model.cfg.sequence_length)
+    seconds = [0.0, 0.0]
     with torch.inference_mode():
-        for idx, targets in batches:
-            if by_position:  # what validation_step does
-                losses = module.model.losses(idx, targets)
-                metric.update(losses)
-                losses.mean()
-            else:  # what it did before
-                module.model.loss(idx, targets)
-    return time.perf_counter() - start
+        for i, (idx, targets) in enumerate(batches):
+            logits = model(idx)
+            model.forward = lambda idx: logits  # the forward is the same both ways: leave it out
+            for by_position in ((False, True) if i % 2 else (True, False)):
+                start = time.perf_counter()
+                if by_position:  # what validation_step does
+                    losses = model.losses(idx, targets)
+                    metric.update(losses)
+                    losses.mean()
+                else:  # what it did before
+                    model.loss(idx, targets)
+                seconds[by_position] += time.perf_counter() - start
+            del model.forward
+    return seconds[0], seconds[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rung", default="block_norm_dropout")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved validation passes per variant")
+    parser.add_argument("--repeats", type=int, default=5, help="validation passes, each batch both ways")
+    parser.add_argument("overrides", nargs="*", help="config overrides, as for train.py")
     args = parser.parse_args()
     before = os.getloadavg()
     cfg = config([f"model={args.rung}", "data.batch_size=1024", "data.sequence_length=8", f"trainer.max_epochs={args.epochs}",
-                  "trainer.enable_progress_bar=false", f"callbacks.inspection._target_={__name__}.TimedInspection"])
+                  "trainer.enable_progress_bar=false", f"callbacks.inspection._target_={__name__}.TimedInspection", *args.overrides])
     fit(cfg)
     run = TimedInspection.runs[-1]
     run.module.eval()
-    plain, by_position = [], []
-    for _ in range(args.repeats):  # A B A B: a busy neighbour slows both alike
-        plain.append(validation_pass(run.module, run.batches, by_position=False))
-        by_position.append(validation_pass(run.module, run.batches, by_position=True))
+    plain, by_position = zip(*(validation_passes(run.module, run.batches) for _ in range(args.repeats)))
     epoch = statistics.median(run.epochs)
     side = statistics.median(run.validations)
     extra = statistics.median(by_position) - statistics.median(plain)
     total = side + run.batch_hooks / args.epochs + extra
-    steps = len(run.module.trainer.train_dataloader)
+    steps = run.module.trainer.num_training_batches
     print(f"\n{args.rung}, batch 1024, sequence 8: {args.epochs} epochs of {steps} steps, torch threads {torch.get_num_threads()}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in before)}; after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"epoch (training + validation), median:             {epoch:8.2f} s")
     print(f"attention side pass + grid, per validation:        {1e3 * side:8.1f} ms  "
           f"({100 * side / epoch:.2f}% of an epoch; first {1e3 * run.validations[0]:.1f} ms)")
     print(f"loss by position inside validation, per epoch:     {1e3 * extra:8.1f} ms  ({100 * extra / epoch:.2f}%; "
-          f"validation {statistics.median(plain):.2f} s plain vs {statistics.median(by_position):.2f} s per position, "
-          f"medians of {args.repeats} interleaved)")
+          f"the loss past the forward: {1e3 * statistics.median(plain):.1f} ms plain vs {1e3 * statistics.median(by_position):.1f} ms "
+          f"per position over {len(run.batches)} batches, medians of {args.repeats})")
     print(f"passage capture, per epoch:                        {1e3 * run.batch_hooks / args.epochs:8.2f} ms")
     print(f"character embeddings for the Projector, once a run: {1e3 * run.end:8.1f} ms")
     verdict = "meets" if total <= 0.02 * epoch else "MISSES"
