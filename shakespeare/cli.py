@@ -35,6 +35,7 @@ from shakespeare.cpu import keep_freed_memory, set_threads
 from shakespeare.errors import Interrupted, UsageError
 from shakespeare.module import ShakespeareModule
 from shakespeare.noise import silence_known_noise
+from shakespeare.run_folder import discard_refused_run
 from shakespeare.sweep import record_failure
 
 log = logging.getLogger("shakespeare")
@@ -199,10 +200,10 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         build(conf, **(resumed if conf._target_.endswith("TensorBoardLogger") else {}))
         for conf in (cfg.get("logger") or {}).values()
     ]
-    for logger in loggers:  # the HParams tab: these hyperparameters against the best validation loss so far
-        logger.log_hyperparams(hyperparameters(cfg), metrics={BEST_VAL_LOSS: math.nan})
     trainer = build(trainer_cfg, "trainer", callbacks=build_callbacks(cfg), logger=loggers, plugins=[AtomicCheckpointIO()])
     check_sweep_strategy(trainer)
+    for logger in loggers:  # the HParams tab: these hyperparameters against the best validation loss so far
+        logger.log_hyperparams(hyperparameters(cfg), metrics={BEST_VAL_LOSS: math.nan})
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SystemExit:  # SIGTERM (Lightning's SIGTERMException) or a second Ctrl-C (Lightning's exit)
@@ -231,6 +232,7 @@ def train(cfg: DictConfig) -> float | None:
             return None  # no value: Optuna records a failed trial and searches on (a NaN crashes its sweeper)
         if isinstance(err, UsageError):
             log.error("%s", err)
+            discard_refused_run(cfg.paths.output_dir, HydraConfig.get().output_subdir, cfg.paths.log_dir)
             sys.exit(2)
         raise
     return metrics.get("val/loss_best")

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from shakespeare.callbacks import TOKENS_PER_SECOND
 from shakespeare.errors import UsageError
+from shakespeare.sweep import FAILURE
 from shakespeare.inspection import LOSS_BY_POSITION, plot_loss_by_position
 
 LADDER = ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout", "scale_up",
@@ -205,6 +206,9 @@ def load_run(path: Path, root: Path) -> Run:
     if log.is_file():
         match = re.search(r"^Status: (.+)$", log.read_text(encoding="utf-8"), re.M)
         run.logged_status = match.group(1).strip() if match else None
+    failure = path / FAILURE  # a sweep job that failed says why
+    if failure.is_file() and not run.problem:
+        run.problem = failure.read_text(encoding="utf-8").strip().split(". ")[0]
     run.parameters = count_parameters(path)
     return run
 

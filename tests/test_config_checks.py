@@ -14,6 +14,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from shakespeare.cli import fit
 from shakespeare.config import check_config
 from shakespeare.errors import UsageError
+from shakespeare.run_folder import discard_refused_run
 from tests.conftest import ROOT, compose_train
 
 
@@ -144,3 +145,30 @@ def test_a_setting_the_rung_never_reads_is_refused_naming_the_rungs_that_do(over
 )
 def test_settings_that_change_the_rung_or_that_it_reads_are_accepted(overrides, tiny_cfg):
     check_config(tiny_cfg(*overrides))
+
+
+def test_a_refused_run_takes_back_its_new_folder_and_nothing_else(tmp_path):
+    log_dir = tmp_path / "outputs"
+    new = log_dir / "2026-01-01" / "12-00-00-000000_bigram"  # what Hydra made for the refused run
+    (new / ".hydra").mkdir(parents=True)
+    (new / ".hydra" / "config.yaml").write_text("{}")
+    (new / "train.log").write_text("[ERROR] - ...")
+    resumed = log_dir / "2026-01-02" / "09-00-00-000000_block"  # a run an attempt to resume added a record to
+    (resumed / ".hydra" / "resumed-2026-01-03_10-00-00").mkdir(parents=True)
+    (resumed / ".hydra" / "config.yaml").write_text("{}")
+    (resumed / "checkpoints").mkdir()
+    discard_refused_run(new, ".hydra", log_dir)
+    assert not (log_dir / "2026-01-01").exists() and log_dir.is_dir()  # the empty date folder goes too
+    discard_refused_run(resumed, ".hydra/resumed-2026-01-03_10-00-00", log_dir)
+    assert sorted(p.name for p in resumed.rglob("*")) == [".hydra", "checkpoints", "config.yaml"]
+
+
+@pytest.mark.slow
+def test_a_refused_run_says_why_in_one_paragraph_and_leaves_no_folder(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=bigram", "model.num_heads=8"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out[-3000:]
+    [line] = [line for line in out.splitlines() if "[ERROR]" in line]
+    assert "model.num_heads=8 does nothing on the bigram rung" in line and "Traceback" not in out
+    assert list(tmp_path.iterdir()) == []  # no run folder for report to list or ckpt_path=last to step over

@@ -158,3 +158,12 @@ def test_ablation_notebook_runs_on_a_folder_of_runs(runs, monkeypatch):
     assert len(grids) == 2 and len(pictures) == 2 + len(grids)  # loss curves, loss by position, each rung's grid
     shown = [base64.b64decode(o.data["image/png"]) for o in pictures[2:]]
     assert shown == grids
+
+
+def test_a_failed_sweep_job_is_listed_with_its_reason(runs, tmp_path):
+    job = tmp_path / "3_model.num_heads-3"
+    shutil.copytree(runs / "multiruns" / "2026-01-01" / "12-00-00" / "0_model-bigram" / ".hydra", job / ".hydra")
+    (job / "failure.txt").write_text("model.num_heads=3 does not divide model.embedding_size=32: each head gets "
+                                     "embedding_size / num_heads channels. Pick num_heads among [1, 2, 4].\n")
+    [run] = load_runs(job)
+    assert run.status == "failed (model.num_heads=3 does not divide model.embedding_size=32: each head gets embedding_size / num_heads channels)"
