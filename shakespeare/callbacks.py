@@ -25,6 +25,7 @@ from shakespeare.inspection import (
     attention_maps,
     character_embeddings,
     held_out_passage,
+    token_label,
 )
 from shakespeare.sampling import check_options, sample
 
@@ -370,7 +371,7 @@ class Inspection(L.Callback):
         if not attention_layers(module.model):  # the bigram
             return
         maps = attention_maps(module.model, self.passage.to(module.device))
-        grid = attention_grid(maps, module.tokenizer.decode(self.passage, skip_pad=False))
+        grid = attention_grid(maps, [token_label(module.tokenizer.vocabulary[i]) for i in self.passage.tolist()])
         for writer in writers:
             writer.add_image("inspection/attention", grid, global_step=trainer.global_step, dataformats="HWC")
 

@@ -9,14 +9,13 @@ before they are averaged.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torchmetrics import Metric
-
-from shakespeare.tokenizer import CharTokenizer
 
 LOSS_BY_POSITION = "val_loss_by_position"  # TensorBoard tags val_loss_by_position/01 ... /T
 READABLE = {" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍"}  # glyphs DejaVu Sans (matplotlib's font) has
@@ -27,6 +26,15 @@ def readable(ch: str) -> str:
     if ch in READABLE:
         return READABLE[ch]
     return ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+
+
+def token_label(token: str) -> str:
+    """A vocabulary entry as a label: a character made readable; a byte token (`<0x41>`) as its character
+    while it is ASCII; anything else (`<|pad|>`, `<0xC3>`) as it is."""
+    byte = re.fullmatch(r"<0x([0-9A-F]{2})>", token)
+    if byte and int(byte[1], 16) < 128:
+        token = chr(int(byte[1], 16))
+    return readable(token) if len(token) == 1 else token
 
 
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -71,12 +79,12 @@ def attention_maps(model: nn.Module, idx: torch.Tensor) -> list[tuple[str, torch
     return [(layer_title(name), captured[name]) for name, _ in layers]
 
 
-def held_out_passage(windows: torch.Tensor, tokenizer: CharTokenizer) -> torch.Tensor:
+def held_out_passage(windows: torch.Tensor, tokenizer) -> torch.Tensor:
     """A passage (T,) to show attention on, from a validation batch (B, T): the first window that starts a
     line (right after a newline, where the windows slide by one character), else the first window."""
     windows = windows.detach().cpu()
-    if "\n" in tokenizer.vocabulary and len(windows) > 1:
-        newline = tokenizer.vocabulary.index("\n")
+    newline = next((i for i, token in enumerate(tokenizer.vocabulary) if token_label(token) == READABLE["\n"]), None)
+    if newline is not None and len(windows) > 1:
         starts = windows[:, 0] == newline
         follows = starts[:-1] & ~starts[1:] & (windows[:-1, 1:] == windows[1:, :-1]).all(dim=1)
         if follows.any():
@@ -93,10 +101,11 @@ def label_font():
     return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), 11)
 
 
-def attention_grid(maps: list[tuple[str, torch.Tensor]], passage: str, max_cell: int = 20) -> np.ndarray:
+def attention_grid(maps: list[tuple[str, torch.Tensor]], labels: list[str], max_cell: int = 20) -> np.ndarray:
     """One picture (H, W, 3 uint8) of every layer's (rows) every head's (columns) weights: in each map row
-    t is what position t attends to, 0 dark to 1 bright (viridis), with the passage's characters on both
-    axes while they fit. Drawn with Pillow: a few milliseconds, where matplotlib takes a few hundred."""
+    t is what position t attends to, 0 dark to 1 bright (viridis), with the passage's `labels` (one per
+    position) on both axes while they fit. Drawn with Pillow: a few milliseconds, where matplotlib takes a
+    few hundred."""
     import matplotlib
     from PIL import Image, ImageDraw
 
@@ -112,7 +121,6 @@ def attention_grid(maps: list[tuple[str, torch.Tensor]], passage: str, max_cell:
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     colours = matplotlib.colormaps["viridis"]
-    labels = [readable(ch) for ch in passage[:T]]
     for r, (name, weights) in enumerate(maps):
         top = r * (title + side + (margin if labelled else 0) + gap)
         for h, head in enumerate(weights):
@@ -168,4 +176,4 @@ def plot_loss_by_position(ax, curves: list[tuple[str, list[float]]]) -> None:
 
 def character_embeddings(model: nn.Module, vocabulary: list[str]) -> tuple[torch.Tensor, list[str]]:
     """The token embedding table (V, C) and one readable label per row, for TensorBoard's Projector."""
-    return model.embedding.weight.detach().float().cpu(), [readable(ch) for ch in vocabulary]
+    return model.embedding.weight.detach().float().cpu(), [token_label(token) for token in vocabulary]

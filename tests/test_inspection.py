@@ -20,11 +20,11 @@ from shakespeare.inspection import (
     attention_maps,
     held_out_passage,
     position_tags,
-    readable,
+    token_label,
 )
 from shakespeare.model import GeneratorConfig, ShakespeareGenerator
 from shakespeare.sampling import fuse_heads
-from shakespeare.tokenizer import CharTokenizer
+from shakespeare.tokenizer import ByteTokenizer, CharTokenizer
 from tests.test_research_log import tensorboard
 
 RUNGS = {  # the rung settings that change where attention sits
@@ -100,7 +100,14 @@ def test_the_passage_starts_a_line_when_the_windows_slide_by_one():
 
 
 def test_labels_make_invisible_characters_visible():
-    assert [readable(ch) for ch in [" ", "\n", "\t", "a", "<|pad|>", "\x0b"]] == ["␣", "⏎", "⇥", "a", "<|pad|>", "\\x0b"]
+    assert [token_label(token) for token in [" ", "\n", "\t", "a", "<|pad|>", "\x0b"]] == ["␣", "⏎", "⇥", "a", "<|pad|>", "\\x0b"]
+    assert [token_label(token) for token in ["<0x0A>", "<0x20>", "<0x41>", "<0xC3>"]] == ["⏎", "␣", "A", "<0xC3>"]  # bytes
+
+
+def test_the_passage_starts_a_line_in_bytes_too():
+    tokenizer = ByteTokenizer()
+    ids = tokenizer.encode("ab.\n\nKING:\nO my lord, what")
+    assert tokenizer.decode(held_out_passage(ids.unfold(0, 8, 1), tokenizer)) == "KING:\nO "
 
 
 def test_validation_logs_the_loss_at_each_position(tiny_cfg):
@@ -157,4 +164,4 @@ def test_tensorboard_server_shows_attention_loss_by_position_and_embeddings(tiny
         np.testing.assert_allclose(tensor.reshape(table.shape), table.numpy(), rtol=1e-4, atol=1e-6)  # the final table
         labels = get("/projector/metadata?" + urllib.parse.urlencode({"run": "run", "name": name}), raw=True).decode().splitlines()
         vocabulary = checkpoint["hyper_parameters"]["vocabulary"]
-        assert labels == [readable(ch) for ch in vocabulary] and {"␣", "⏎", ":", "."} <= set(labels)
+        assert labels == [token_label(ch) for ch in vocabulary] and {"␣", "⏎", ":", "."} <= set(labels)
