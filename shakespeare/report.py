@@ -114,6 +114,11 @@ class Run:
         return min(values) if values else None
 
     @property
+    def corpus(self) -> str:
+        """The data config's corpus file (`data=enwik8`: enwik8): the research log's losses are tinyshakespeare's."""
+        return str(self.config.get("data", {}).get("file") or "tinyshakespeare.txt")
+
+    @property
     def test_loss(self) -> float | None:
         """The loss of best.ckpt on the test split (`data.test_fraction`), when the run tested."""
         values = self.curve("test/loss")
@@ -269,7 +274,7 @@ def markdown_table(runs: list[Run]) -> str:
             "-" if run.parameters is None else f"{run.parameters:,}",
             f"{run.epochs}/{run.max_epochs or '?'}",
             _number(run.best_val_loss),
-            _number(PUBLISHED.get(run.rung)),
+            _number(PUBLISHED.get(run.rung) if run.corpus == "tinyshakespeare.txt" else None),
             _number(bits(run.best_val_loss)),
             *([_number(run.test_loss), _number(bits(run.test_loss))] if tested else []),
             _number(run.seconds_per_epoch, 2),
@@ -278,7 +283,7 @@ def markdown_table(runs: list[Run]) -> str:
             run.name,
         ]
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    notes = ["", "log's eval loss: the research log's, measured on its random_windows split (see README). "
+    notes = ["", "log's eval loss: the research log's on tinyshakespeare, measured on its random_windows split (see README). "
              "bpc: bits per character (per byte for data.unit=byte), the loss / ln 2."]
     if tested:
         notes.append("test loss: best.ckpt on the text's last data.test_fraction, after the validation split.")
