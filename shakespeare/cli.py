@@ -30,7 +30,7 @@ from shakespeare.checkpoints import (
     resume_checkpoint,
     resume_command,
 )
-from shakespeare.config import CONFIG_DIR, check_config, run_overrides
+from shakespeare.config import CONFIG_DIR, check_config, rung_help, run_overrides
 from shakespeare.cpu import keep_freed_memory, set_threads
 from shakespeare.errors import Interrupted, UsageError
 from shakespeare.module import ShakespeareModule
@@ -54,6 +54,7 @@ def resumed_run(ckpt_path: str | None, log_dir: str) -> Path | None:
 OmegaConf.register_new_resolver(
     "run_dir", lambda ckpt_path, log_dir, new: str(resumed_run(ckpt_path, log_dir) or new), use_cache=True, replace=True
 )
+OmegaConf.register_new_resolver("rung_help", rung_help, use_cache=True, replace=True)  # python train.py --help
 OmegaConf.register_new_resolver(
     "hydra_subdir",
     lambda ckpt_path, log_dir, now: f".hydra/resumed-{now}" if resumed_run(ckpt_path, log_dir) else ".hydra",

@@ -86,6 +86,13 @@ def ladder_position(rung: str) -> int:
     return 1 + ladder_position(extends[0]) if extends else 0
 
 
+def rung_help() -> str:
+    """One line per rung, in ladder order, for `python train.py --help`: its name and what it adds (the first
+    comment line of conf/model/<rung>.yaml)."""
+    files = sorted(Path(CONFIG_DIR, "model").glob("*.yaml"), key=lambda path: (ladder_position(path.stem), path.stem))
+    return "\n".join(f"  model={path.stem:<20} {path.read_text(encoding='utf-8').splitlines()[0].lstrip('# ')}" for path in files)
+
+
 def check_rung_settings(model: DictConfig, overrides: list[str]) -> None:
     """Refuse a model key set on the command line that the chosen rung never reads (`model.num_heads` on
     the bigram would train the same model under another name), naming the rungs that read it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -14,6 +15,20 @@ from omegaconf import DictConfig, open_dict
 from shakespeare.cli import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def find_real_corpus() -> Path | None:
+    """tinyshakespeare where a user or CI keeps it: $SHAKESPEARE_CORPUS, ../shared/data/ beside the checkout
+    (CI's layout), or the download cache a first `python train.py` fills; None when it is nowhere."""
+    cache = Path(os.environ.get("SHAKESPEARE_CACHE", "~/.cache/shakespeare")).expanduser()
+    places = [os.environ.get("SHAKESPEARE_CORPUS"), ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
+              cache / "tinyshakespeare.txt"]
+    return next((Path(p) for p in places if p and Path(p).is_file()), None)
+
+
+REAL_CORPUS = find_real_corpus()
+WITHOUT_CORPUS = ("the real corpus is not here: set SHAKESPEARE_CORPUS=/path/to/tinyshakespeare.txt, or put it at "
+                  "../shared/data/tinyshakespeare.txt beside the checkout, or run `python train.py` once to download it")
 WORDS = "the king my lord good sweet love thou art what shall now come hath night death fair".split()
 
 

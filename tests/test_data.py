@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -10,9 +9,10 @@ import pytest
 import torch
 
 from shakespeare import data
-from shakespeare.data import CORPUS_ENV, FeistelPermutation, ShakespeareDataModule, SlidingWindows
+from shakespeare.data import FeistelPermutation, ShakespeareDataModule, SlidingWindows
 from shakespeare.errors import UsageError
 from shakespeare.tokenizer import BYTE_VOCABULARY, PAD, ByteTokenizer, CharTokenizer, tokenizer_for
+from tests.conftest import REAL_CORPUS, WITHOUT_CORPUS
 
 
 def test_tokenizer_round_trips_and_puts_pad_first():
@@ -44,9 +44,9 @@ def test_byte_tokenizer_knows_every_text_and_decodes_what_is_not_utf8():
     assert isinstance(tokenizer_for([PAD, "a", "b"]), CharTokenizer)
 
 
-@pytest.mark.skipif(not os.environ.get(CORPUS_ENV), reason=f"{CORPUS_ENV} not set")
+@pytest.mark.skipif(REAL_CORPUS is None, reason=WITHOUT_CORPUS)
 def test_tinyshakespeare_has_the_logs_66_ids(tmp_path):
-    assert len(ShakespeareDataModule(path=os.environ[CORPUS_ENV], cache_dir=str(tmp_path)).tokenizer) == 66
+    assert len(ShakespeareDataModule(path=str(REAL_CORPUS), cache_dir=str(tmp_path)).tokenizer) == 66
 
 
 @pytest.fixture(params=["table", "feistel"])
