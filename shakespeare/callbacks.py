@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -28,6 +29,8 @@ from shakespeare.inspection import (
     token_label,
 )
 from shakespeare.sampling import check_options, sample
+
+log = logging.getLogger("shakespeare")
 
 BEST_VAL_LOSS = "hp/best_val_loss"  # the metric TensorBoard's HParams tab sets the hyperparameters against
 TOKENS_PER_SECOND = "throughput/tokens_per_sec"
@@ -164,10 +167,14 @@ class ResearchLog(EpochLine):
     def write(self) -> None:
         if not self.title:  # nothing known yet (e.g. marked before the fit started)
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(self.path.name + ".part")
-        partial.write_text(self.render(), encoding="utf-8")
-        os.replace(partial, self.path)  # readers never see a half-written entry
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(self.render(), encoding="utf-8")
+            os.replace(partial, self.path)  # readers never see a half-written entry
+        except OSError as err:  # a full disk: the entry from before stays, training goes on (or stops for its own reason)
+            partial.unlink(missing_ok=True)
+            log.warning("Could not update %s: %s", self.path, err)
 
     def render(self) -> str:
         status = f"{self.status} ({self.note})" if self.note else self.status

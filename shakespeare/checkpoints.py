@@ -1,45 +1,86 @@
-"""Checkpoints that survive crashes: atomic writes, a save on SIGINT/SIGTERM, exact resumption of a run folder."""
+"""Checkpoints that survive crashes: atomic writes that keep the previous last.ckpt, checks on reading,
+exact resumption of a run folder."""
 
 from __future__ import annotations
 
-import logging
+import errno
 import os
 import shlex
-import signal
-import threading
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from shakespeare.config import time_budget
-from shakespeare.errors import UsageError
+from shakespeare.config import run_overrides, time_budget
+from shakespeare.errors import Fault, UsageError
 
 LAST = "last.ckpt"
-SIGNAL_LOG = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
+PREVIOUS = "last.prev.ckpt"  # the last.ckpt before the current one, kept in case the current one rots
+AUTO = "auto"  # ckpt_path=auto: this run folder's last.ckpt if it has one, else a fresh start
+
+
+class CheckpointWriteError(Fault):
+    """A checkpoint that could not be written (a full disk, a file-size limit); the one before it is intact."""
+
+    def __init__(self, path: Path, err: OSError):
+        self.path = path
+        name = errno.errorcode.get(err.errno, "") if err.errno else ""
+        super().__init__(
+            f"Could not write the checkpoint {path} in {path.parent}: {err.strerror or err}"
+            f"{f' ({name})' if name else ''}, so the run stopped and nothing half-written was left."
+        )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint beside its target, syncs it and renames it over the target, so a crash (even
-    `kill -9`) leaves either the previous checkpoint or the new one, never a half-written file."""
+    `kill -9`) leaves either the previous checkpoint or the new one, never a half-written file.
+
+    The last.ckpt it replaces becomes last.prev.ckpt, so a last.ckpt damaged later (bit rot, a copy cut
+    short) still leaves a readable checkpoint of the run. A failed write raises CheckpointWriteError.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._steps: dict[Path, int | None] = {}  # the global step this process last wrote to each path
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if "://" in str(path) or storage_options is not None:  # remote storage: Lightning's own way
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as out:
-            torch.save(checkpoint, out)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as out:
+                torch.save(checkpoint, out)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException as err:
+            partial.unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                raise CheckpointWriteError(path, err) from None
+            raise
+        step = checkpoint.get("global_step")
+        if path.name == LAST and path.is_file() and self._steps.get(path) != step:  # not a rewrite of the same step
+            keep_previous(path)
         os.replace(partial, path)
+        self._steps[path] = step
+
+
+def keep_previous(path: Path) -> None:
+    """Make `path` also last.prev.ckpt, by a hard link so that `path` itself never goes missing."""
+    previous, link = path.with_name(PREVIOUS), path.with_name(PREVIOUS + ".partial")
+    try:
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        os.replace(link, previous)
+    except OSError:  # a file system without hard links
+        os.replace(path, previous)
 
 
 class RandomState(L.Callback):
@@ -56,65 +97,11 @@ class RandomState(L.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class InterruptCheckpoint(Checkpoint):
-    """Saves `dirpath/last.ckpt` when the run is stopped by SIGTERM or Ctrl-C.
-
-    Lightning finishes the step in flight on SIGTERM and then raises `SIGTERMException`; a first Ctrl-C is
-    turned into the same SIGTERM, so the checkpoint always holds a whole step. A second Ctrl-C stops at
-    once without saving (the periodic last.ckpt stays).
-    """
-
-    def __init__(self, dirpath: str | Path):
-        self.dirpath = Path(dirpath)
-        self.signal: str | None = None  # SIGINT or SIGTERM once one stopped the run
-        self.saved_step: int | None = None
-        self._start_step: int | None = None
-        self._previous_sigint: Any = None
-
-    @property
-    def ckpt_path(self) -> Path:
-        return self.dirpath / LAST
-
-    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._start_step = trainer.global_step
-        if threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.signal(signal.SIGINT, self._first_ctrl_c)
-
-    def _first_ctrl_c(self, signum: int, frame: Any) -> None:
-        self.signal = "SIGINT"
-        signal.signal(signal.SIGINT, self._previous_sigint)
-        rank_zero_info("\nCtrl-C: saving a checkpoint after this step (press Ctrl-C again to quit without saving) ...")
-        SIGNAL_LOG.addFilter(self._own_sigterm)  # Lightning would announce the SIGTERM as if the user had sent one
-        signal.raise_signal(signal.SIGTERM)
-
-    @staticmethod
-    def _own_sigterm(record: logging.LogRecord) -> bool:
-        return "Received SIGTERM" not in record.getMessage()
-
-    def _restore_sigint(self) -> None:
-        SIGNAL_LOG.removeFilter(self._own_sigterm)
-        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
-
-    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_sigint()
-        if isinstance(exception, KeyboardInterrupt):
-            self.signal = "SIGINT"  # a second Ctrl-C, or one before training started: the step may be half done
-        elif isinstance(exception, SIGTERMException):
-            self.signal = self.signal or "SIGTERM"
-            if self._start_step is not None and trainer.global_step > self._start_step:
-                trainer.save_checkpoint(self.ckpt_path, weights_only=False)
-                self.saved_step = trainer.global_step
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._restore_sigint()
-
-
 def find_run(ckpt_path: str | None, log_dir: str) -> Path | None:
     """The run folder a `ckpt_path` resumes in place: `last` (the newest run under `log_dir` with a
-    last.ckpt), a run folder, or a checkpoint inside `<run>/checkpoints/`; None for any other checkpoint."""
-    if ckpt_path is None:
+    last.ckpt), a run folder, or a checkpoint inside `<run>/checkpoints/`; None for any other checkpoint
+    (and for `auto`, which resumes whatever folder this run has)."""
+    if ckpt_path is None or ckpt_path == AUTO:
         return None
     if ckpt_path == "last":
         runs = [p.parent.parent for p in Path(log_dir).expanduser().glob(f"*/*/checkpoints/{LAST}")]
@@ -140,11 +127,29 @@ def find_run(ckpt_path: str | None, log_dir: str) -> Path | None:
     return path.parent.parent if path.parent.name == "checkpoints" else None
 
 
+def check_fixed_folder() -> None:
+    """ckpt_path=auto resumes the run folder's own last.ckpt, which only means something when every
+    start of the command uses the same folder: refuse it with the time-stamped default folder."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode == RunMode.MULTIRUN:
+        return  # a sweep job's folder is fixed by the sweep folder and the job's number
+    if not any(o.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in HydraConfig.get().overrides.hydra):
+        raise UsageError(
+            "ckpt_path=auto resumes the run folder's own checkpoints/last.ckpt, so every start of the command "
+            "must use the same folder, but this run got a new time-stamped one. Name the folder: add "
+            "hydra.run.dir=outputs/<name> (on SLURM e.g. hydra.run.dir=outputs/slurm-$SLURM_JOB_ID)."
+        )
+
+
 def resume_checkpoint(ckpt_path: str | None, output_dir: str, log_dir: str) -> Path | None:
     """The checkpoint file `ckpt_path` stands for: a file as is; a run folder's last.ckpt; for `last`, the
-    last.ckpt of the run Hydra's `run_dir` resolver picked as this run's `output_dir`."""
+    last.ckpt of the run Hydra's `run_dir` resolver picked as this run's `output_dir`; for `auto`, this
+    run folder's last.ckpt if there is one (a restarted run), else None (a fresh start)."""
     if ckpt_path is None:
         return None
+    if ckpt_path == AUTO:
+        check_fixed_folder()
+        own = Path(output_dir) / "checkpoints" / LAST
+        return own if own.exists() else None
     run = find_run(ckpt_path, log_dir)  # a missing path, or no run to resume: a clear error
     path = Path(ckpt_path).expanduser()
     if ckpt_path == "last":
@@ -153,26 +158,71 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: str, log_dir: str) -> P
     return path / "checkpoints" / LAST if path.is_dir() else path
 
 
+def load_verified(path: Path) -> Any:
+    """torch.load of a checkpoint after checking its zip records' checksums, which torch.load does not do:
+    a flipped bit in the weights would otherwise load as a wrong number."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except zipfile.BadZipFile:
+        raise ValueError("it is cut short or not a checkpoint at all (no complete zip archive)") from None
+    if damaged is not None:
+        raise ValueError(f"its contents are damaged (the checksum of {damaged} does not match: bit rot or a bad copy)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or not plain data
+        raise ValueError(f"it is not a file written by train.py ({type(err).__name__})") from None
+
+
+def newest_readable(folder: Path, but: Path) -> tuple[Path, int] | None:
+    """The readable training checkpoint in `folder` (other than `but`) with the most steps, and its step."""
+    found = []
+    for candidate in sorted(folder.glob("*.ckpt")):
+        if candidate == but:
+            continue
+        try:
+            checkpoint = load_verified(candidate)
+        except (ValueError, OSError):
+            continue
+        if isinstance(checkpoint, dict) and "loops" in checkpoint:
+            found.append((checkpoint["global_step"], candidate.name == PREVIOUS, candidate))
+    if not found:
+        return None
+    step, _, path = max(found)
+    return path, step
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint's plain data, or explain in one paragraph why `path` is not one."""
+    """Load a checkpoint's plain data, or explain in one paragraph why `path` is not one (and, for a
+    damaged checkpoint of a run, which of the run's checkpoints can be resumed instead)."""
     if not path.is_file():
         raise UsageError(
             f"ckpt_path: {str(path)!r} does not exist (a run folder with nothing to resume, or a mistyped path). "
             "Pass a checkpoint file, a run folder (outputs/<date>/<time>_<rung>) or ckpt_path=last."
         )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a torch file, or not plain data
-        raise UsageError(
-            f"ckpt_path: {str(path)!r} is not a readable training checkpoint: it is truncated, or not a file "
-            f"written by train.py ({type(err).__name__}). Pass a .ckpt from a run's checkpoints/ folder."
-        ) from None
+        checkpoint = load_verified(path)
+    except ValueError as err:
+        raise UsageError(f"ckpt_path: {str(path)!r} cannot be resumed: {err}. {instead(path)}") from None
     if not isinstance(checkpoint, dict) or "loops" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise UsageError(
             f"ckpt_path: {str(path)!r} is not a training checkpoint of this project (it lacks the trainer state). "
             "Pass a .ckpt written by train.py."
         )
     return checkpoint
+
+
+def instead(path: Path) -> str:
+    """What to resume instead of the damaged checkpoint `path`: the newest readable one beside it."""
+    if path.parent.name != "checkpoints":
+        return "Pass a .ckpt from a run's checkpoints/ folder."
+    other = newest_readable(path.parent, but=path)
+    if other is None:
+        return "No other checkpoint of this run can be read either: start the run again."
+    other_path, step = other
+    overrides = path.parent.parent / ".hydra" / "overrides.yaml"
+    command = resume_command(OmegaConf.load(overrides), other_path) if overrides.is_file() else f"ckpt_path={other_path}"
+    return f"The newest readable checkpoint of this run is {other_path} (step {step}); resume from it: {command}"
 
 
 TRAINING_DATA_KEYS = ("sequence_length", "batch_size", "stride", "split", "val_fraction", "test_fraction", "unit", "seed")

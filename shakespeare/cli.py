@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import sys
 from pathlib import Path
 
@@ -20,19 +19,12 @@ from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from shakespeare.callbacks import BEST_VAL_LOSS, ResearchLog
-from shakespeare.checkpoints import (
-    AtomicCheckpointIO,
-    InterruptCheckpoint,
-    check_resumable,
-    find_run,
-    read_checkpoint,
-    resume_checkpoint,
-    resume_command,
-)
-from shakespeare.config import CONFIG_DIR, check_config, rung_help, run_overrides
+from shakespeare.callbacks import BEST_VAL_LOSS
+from shakespeare.checkpoints import AtomicCheckpointIO, check_resumable, find_run, read_checkpoint, resume_checkpoint
+from shakespeare.config import CONFIG_DIR, check_config, rung_help
 from shakespeare.cpu import keep_freed_memory, set_threads
-from shakespeare.errors import Interrupted, UsageError
+from shakespeare.errors import EXPLAINED, Interrupted, UsageError, speaks
+from shakespeare.faults import explained
 from shakespeare.module import ShakespeareModule
 from shakespeare.noise import silence_known_noise
 from shakespeare.run_folder import discard_refused_run
@@ -153,32 +145,13 @@ def check_sweep_strategy(trainer: L.Trainer) -> None:
         )
 
 
-def interrupted(trainer: L.Trainer, cfg: DictConfig) -> Interrupted | None:
-    """What to tell the user after SIGINT/SIGTERM stopped `trainer` (also the research log's note)."""
-    stop = next((c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint)), None)
-    if stop is None or stop.signal is None:
-        return None
-    run = Path(cfg.paths.output_dir)
-    last = run / "checkpoints" / "last.ckpt"
-    if stop.saved_step is not None:
-        saved = f"Saved {last} at step {stop.saved_step} (epoch {trainer.current_epoch})."
-    elif last.is_file():
-        saved = f"Nothing new was saved; {last} (step {read_checkpoint(last)['global_step']}) is kept."
-    else:
-        saved = "No training step had finished, so there is nothing to resume; start the run again."
-    resume = f" Resume with: {resume_command(run_overrides(), run)}" if last.is_file() else ""
-    message = f"Training interrupted by {stop.signal}. {saved}{resume}"
-    for research_log in (c for c in trainer.callbacks if isinstance(c, ResearchLog)):
-        research_log.mark("interrupted", message)
-    return Interrupted(message, 128 + getattr(signal, stop.signal))
-
-
 def fit(cfg: DictConfig) -> dict[str, float]:
     """Train one run as `cfg` describes and return its final metrics."""
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     check_accelerator(cfg.trainer.accelerator)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg.pop("collective_timeout", None)  # callbacks.lost_rank applies it
     set_threads(trainer_cfg.pop("threads", None))
     log.info("torch threads=%d", torch.get_num_threads())
     keep_freed_memory()
@@ -205,12 +178,8 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     check_sweep_strategy(trainer)
     for logger in loggers:  # the HParams tab: these hyperparameters against the best validation loss so far
         logger.log_hyperparams(hyperparameters(cfg), metrics={BEST_VAL_LOSS: math.nan})
-    try:
+    with explained(trainer, cfg):  # a signal, a lost process or a full disk: one message, what was kept
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SystemExit:  # SIGTERM (Lightning's SIGTERMException) or a second Ctrl-C (Lightning's exit)
-        if (stop := interrupted(trainer, cfg)) is None:
-            raise
-        raise stop from None
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     if datamodule.has_test_split:  # the test text, read once, by the checkpoint with the best validation loss
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -225,15 +194,18 @@ def train(cfg: DictConfig) -> float | None:
     try:
         metrics = fit(cfg)
     except Interrupted as stop:  # a sweep stops too: the user asked for it
-        log.error("%s", stop)
+        if speaks(stop):  # once, not once per process
+            log.error("%s", stop)
         sys.exit(stop.exit_code)
     except Exception as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep goes on; SweepSummary reports it at the end
             record_failure(err)
             return None  # no value: Optuna records a failed trial and searches on (a NaN crashes its sweeper)
-        if isinstance(err, UsageError):
-            log.error("%s", err)
-            discard_refused_run(cfg.paths.output_dir, HydraConfig.get().output_subdir, cfg.paths.log_dir)
-            sys.exit(2)
+        if isinstance(err, EXPLAINED):
+            if speaks(err):
+                log.error("%s", err)
+            if isinstance(err, UsageError):
+                discard_refused_run(cfg.paths.output_dir, HydraConfig.get().output_subdir, cfg.paths.log_dir)
+            sys.exit(getattr(err, "exit_code", 2))
         raise
     return metrics.get("val/loss_best")

@@ -297,6 +297,24 @@ class ShakespeareDataModule(L.LightningDataModule):
             id_offset=1,
         )
 
+    def state_dict(self) -> dict:
+        """The number of processes the windows are dealt to, which a checkpoint's data order depends on."""
+        return {"world_size": self.trainer.world_size if self.trainer else 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Refuse to resume on another number of processes: each takes every N-th window with its own
+        batch, so the batches and their order would change and the run would no longer be the same one."""
+        saved, now = state.get("world_size", 1), self.trainer.world_size if self.trainer else 1
+        if saved != now:
+            raise UsageError(
+                f"ckpt_path: {self.trainer.ckpt_path} was trained on {saved} process{'es' if saved > 1 else ''} and "
+                f"this run has {now}. Each process takes every {saved}-th window of the epoch with a batch of "
+                f"data.batch_size={self.hparams.batch_size}, so on {now} the batches and the order of the windows "
+                f"would change and the run would no longer continue exactly. Resume it on {saved}: "
+                + ("trainer=ddp trainer.devices=... with trainer.devices x trainer.num_nodes = "
+                   f"{saved} (or torchrun with {saved} processes in all)." if saved > 1 else "without trainer=ddp.")
+            )
+
     def train_dataloader(self) -> SlidingWindows:
         return self._windows(self.train_windows, shuffle=True)
 

@@ -1,13 +1,42 @@
-"""The one exception type users see: a problem with their input, explained in one paragraph."""
+"""The exceptions users see: each explained in one paragraph, never as a traceback."""
+
+from __future__ import annotations
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 
 class UsageError(Exception):
     """A bad config value, file, prompt or checkpoint. The message names the value and the fix."""
 
 
-class Interrupted(Exception):
-    """A run stopped by SIGINT or SIGTERM; the message says what was saved and how to resume."""
+class Stopped(Exception):
+    """A run that ended before its last step; the message says what was saved and how to go on.
 
-    def __init__(self, message: str, exit_code: int):
+    In a run of several processes every one of them raises it, and one prints it: `speaker` says whether
+    this process is that one (None: rank 0).
+    """
+
+    def __init__(self, message: str, exit_code: int, speaker: bool | None = None):
         super().__init__(message)
         self.exit_code = exit_code
+        self.speaker = speaker
+
+
+class Interrupted(Stopped):
+    """A run stopped by Ctrl-C, SIGTERM or SLURM's requeue signal."""
+
+
+class Fault(Stopped):
+    """A run stopped by the machine: a lost process, a checkpoint that could not be written."""
+
+    def __init__(self, message: str, exit_code: int = 1, speaker: bool | None = None):
+        super().__init__(message, exit_code, speaker)
+
+
+EXPLAINED = (UsageError, Fault)  # errors shown as their message alone
+
+
+def speaks(err: BaseException) -> bool:
+    """Whether this process prints `err`: rank 0, or the process the error chose (a survivor of a lost rank 0)."""
+    speaker = getattr(err, "speaker", None)
+    return (rank_zero_only.rank == 0) if speaker is None else speaker

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from shakespeare.errors import UsageError
+from shakespeare.errors import EXPLAINED
 
 log = logging.getLogger("shakespeare")
 
@@ -20,11 +20,11 @@ FAILURE = "failure.txt"
 
 def record_failure(err: BaseException) -> None:
     """Log a sweep job's error and leave it in the job's folder for the summary."""
-    if isinstance(err, UsageError):
+    if isinstance(err, EXPLAINED):
         log.error("%s", err)
     else:
         log.exception("This job failed; the sweep goes on with the next one.")
-    message = str(err) if isinstance(err, UsageError) else f"{type(err).__name__}: {err}"
+    message = str(err) if isinstance(err, EXPLAINED) else f"{type(err).__name__}: {err}"
     (Path(HydraConfig.get().runtime.output_dir) / FAILURE).write_text(message + "\n", encoding="utf-8")
 
 

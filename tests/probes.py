@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -11,18 +13,50 @@ import torch
 
 class PauseAt(L.Callback):
     """After training step `step`, prints `paused at step <step>` and waits for a signal (at most a minute),
-    so a test can send it at a known step instead of guessing with sleeps."""
+    so a test can send it at a known step instead of guessing with sleeps. With `rank`, only that process
+    of a multi-process run pauses (the others go on to the next step's collectives and wait there); with
+    `until`, it waits for that file to exist instead of a signal."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, rank: int | None = None, until: str | None = None):
+        self.step, self.rank, self.until = step, rank, until
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step != self.step:
+        if trainer.global_step != self.step or self.rank not in (None, trainer.global_rank):
             return
         print(f"paused at step {self.step}", flush=True)
         deadline = time.monotonic() + 60
-        while not trainer.received_sigterm and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (Path(self.until).exists() if self.until else signalled(trainer)):
             time.sleep(0.01)
+
+
+def signalled(trainer: L.Trainer) -> bool:
+    """Whether this process received a stop signal (on several processes it only takes note of it)."""
+    stop = next((c for c in trainer.callbacks if type(c).__name__ == "InterruptCheckpoint"), None)
+    return trainer.received_sigterm or bool(stop is not None and stop._received)
+
+
+class SignalSelfAt(L.Callback):
+    """After training step `step`, process `rank` sends itself `signal` (SIGKILL: dies, SIGSTOP: stops
+    answering), in the run's first session only (not once it was resumed from a checkpoint)."""
+
+    def __init__(self, step: int, rank: int, signal: str):
+        self.step, self.rank, self.signal = step, rank, signal
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank and trainer.ckpt_path is None:
+            print(f"rank {self.rank} sends itself {self.signal} after step {self.step} (pid {os.getpid()})", flush=True)
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class RecordStop(L.Callback):
+    """Writes `<folder>/rank<r>.txt` with the step each process stopped after, when an exception stops it."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{trainer.global_rank}.txt").write_text(f"{trainer.global_step} {type(exception).__name__}\n")
 
 
 class PoisonAt(L.Callback):

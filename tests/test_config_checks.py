@@ -84,7 +84,7 @@ def test_resuming_a_finished_run_says_how_to_train_longer(tiny_cfg):
     "content, message",
     [
         (None, r"ckpt_path='.*missing.ckpt' does not exist"),
-        (b"not a checkpoint", r"is not a readable training checkpoint: it is truncated, or not a file written by train.py \(UnpicklingError\)"),
+        (b"not a checkpoint", r"cannot be resumed: it is cut short or not a checkpoint at all \(no complete zip archive\)"),
     ],
 )
 def test_bad_checkpoint_files_are_named(content, message, tiny_cfg, tmp_path):

@@ -57,11 +57,13 @@ def corpus_and_reference(tmp_path_factory) -> tuple[Path, Path]:
     return corpus, tmp / "run" / "checkpoints"
 
 
-def start_train(args: list[str], cwd: Path) -> subprocess.Popen:
+def start_train(args: list[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:
+    """Start `python train.py *args`; with `new_session`, in a process group of its own, as a terminal's
+    foreground job is (Ctrl-C reaches the whole group)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=new_session,
     )
 
 
