@@ -88,7 +88,8 @@ def test_slurm_example_asks_for_one_task_and_gpu_per_device(tmp_path, monkeypatc
     launcher.config = cfg
     launcher.launch([["model.num_heads=4"]], initial_job_idx=0)
     (sbatch,) = scripts
-    for line in ("--partition=gpu", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--time=240"):
+    for line in ("--partition=gpu", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--time=240",
+                 "--signal=USR1@90", "--requeue"):  # the requeue signal of Lightning's SLURM environment
         assert f"#SBATCH {line}" in sbatch
 
 
