@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -183,8 +184,19 @@ def lost_contact(err: BaseException) -> bool:
     return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and any(s in text for s in signs))
 
 
+def store_reachable() -> bool:
+    """Whether the store still takes connections (asked with a plain socket: torch retries for its whole timeout)."""
+    try:
+        with socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def lost_ranks(rank: int, world_size: int) -> list[int]:
     """The processes whose heartbeats stopped (the store lives in rank 0's process: unreachable, rank 0 is lost)."""
+    if not store_reachable():
+        return [0] if rank != 0 else []
     try:
         store = connect_store(timeout=5)
         before = [store.add(heartbeat_key(r), 0) for r in range(world_size)]
