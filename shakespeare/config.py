@@ -23,8 +23,12 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from shakespeare.data import ShakespeareDataModule
 from shakespeare.errors import UsageError
+from shakespeare.memory import check_memory
 from shakespeare.model import GeneratorConfig
+from shakespeare.module import warmup_cosine
+from shakespeare.schema import check_types
 
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -39,6 +43,22 @@ def is_count(value: object, minimum: int = 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
+# The keys no class or function of the run is built from, and those that mean more here than in the class
+# they configure; every other key is typed by the parameters of what its node builds (schema.py).
+TYPES = {
+    "seed": int,
+    "ckpt_path": str | None,  # last, a run folder or a .ckpt
+    "checkpoint.every_n_steps": int,
+    "paths.log_dir": str,
+    "paths.output_dir": str,
+    "paths.cache_dir": str,
+    "trainer.threads": int | None,  # torch's threads (shakespeare.cpu.set_threads), not a Trainer setting
+    "trainer.collective_timeout": float,  # seconds (callbacks.lost_rank applies it), not a Trainer setting
+    "callbacks.early_stopping.patience": int | None,  # null switches early stopping off
+}
+BUILDERS = {"model": GeneratorConfig, "scheduler": warmup_cosine}  # the nodes without a _target_
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise UsageError for the first bad value in `cfg`."""
     known = {f.name for f in fields(GeneratorConfig)} - {"vocab_size"}
@@ -47,6 +67,7 @@ def check_config(cfg: DictConfig) -> None:
             f"model.{unknown[0]} is not a model setting (the model takes {', '.join(sorted(known))}). "
             f"Remove +model.{unknown[0]} or fix its spelling."
         )
+    check_types(cfg, TYPES, BUILDERS)
     check_rung_settings(cfg.model, run_overrides())
     check_optimizer(cfg.optimizer)
     for key in ("max_epochs", "max_steps"):
@@ -123,6 +144,15 @@ def time_budget(max_time: object) -> float | None:
             "trainer.max_time=00:00:10:00 for ten minutes (or trainer.max_time={minutes:10}), or null for none."
         )
     return seconds
+
+
+def check_fits_in_memory(cfg: DictConfig, datamodule: ShakespeareDataModule) -> None:
+    """Refuse a run whose training step cannot fit in the memory free for it, with the estimate and the fix."""
+    settings = OmegaConf.to_container(cfg.model, resolve=True)
+    model = GeneratorConfig(vocab_size=len(datamodule.tokenizer.vocabulary), **settings)
+    batch_size = min(cfg.data.batch_size, len(datamodule.train_windows))  # a text shorter than a batch: one batch
+    devices, accelerator = cfg.trainer.devices, cfg.trainer.accelerator
+    check_memory(model, batch_size, devices if accelerator == "cpu" and isinstance(devices, int) else 1, accelerator)
 
 
 def check_optimizer(optimizer: DictConfig) -> None:

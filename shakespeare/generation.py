@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TextIO
+from typing import Literal, TextIO
 
 import hydra
 import torch
@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from shakespeare.loading import load_generator
 from shakespeare.errors import UsageError
 from shakespeare.sampling import check_options, stream
+from shakespeare.schema import check_types
 
 log = logging.getLogger("shakespeare")
 
@@ -31,8 +32,24 @@ def check_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# conf/generate.yaml's keys and their types, checked before anything is read
+SETTINGS = {
+    "ckpt_path": str | None,
+    "prompt": str | int | float | None,  # prompt=1234 reaches us as a number; it is written as text
+    "max_new_tokens": int,
+    "temperature": float,
+    "top_k": int | None,
+    "num_samples": int,
+    "seed": int | None,
+    "on_unknown": Literal["error", "skip"],
+    "device": str,
+    "threads": int | None,
+}
+
+
 def write_samples(cfg: DictConfig, out: TextIO = sys.stdout) -> list[str]:
     """Sample from `cfg.ckpt_path` as `cfg` describes, streaming the text to `out`; returns the samples."""
+    check_types(cfg, SETTINGS)
     options = {key: cfg[key] for key in ("max_new_tokens", "temperature", "top_k", "num_samples")}
     check_options(**options)
     if not cfg.ckpt_path:

@@ -15,7 +15,7 @@ from shakespeare.cli import fit
 from shakespeare.config import check_config
 from shakespeare.errors import UsageError
 from shakespeare.run_folder import discard_refused_run
-from tests.conftest import ROOT, compose_train
+from tests.conftest import ROOT, compose_train, write_corpus
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,17 @@ from tests.conftest import ROOT, compose_train
         (["+model.head_size=4"], r"model.head_size is not a model setting \(the model takes activation, attention, "),
         (["trainer.max_epochs=0"], r"trainer.max_epochs=0 must be a whole number of at least 1"),
         (["trainer.max_steps=0"], r"trainer.max_steps=0 must be a whole number of at least 1 \(or -1: no limit"),
-        (["trainer.precision=13"], r"trainer: lightning.pytorch.Trainer refuses its settings \(ValueError: .*13"),
+        (["trainer.precision=13"], r"trainer.precision=13 is not a value lightning.pytorch.Trainer takes for it: it takes "
+                                   r"one of 64, 32, 16, .*bf16-mixed"),
+        (["data.batch_size=abc"], r"data.batch_size='abc' is not a value shakespeare.data.ShakespeareDataModule takes for "
+                                  r"it: it takes a whole number, e.g. data.batch_size=1024."),
+        (["model=multihead", "model.num_heads=4.5"], r"model.num_heads=4.5 is not a value .* takes a whole number"),
+        (["trainer.max_epochs=ten"], r"trainer.max_epochs='ten' is not a value .* it takes a whole number or null"),
+        (["+trainer.max_epoch=3"], r"trainer.max_epoch is not a setting of lightning.pytorch.Trainer"),
+        (["trainer.accelerator=1"], r"trainer.accelerator=1 is not a value .* it takes text.*quote text"),
+        (["trainer.threads=two"], r"trainer.threads='two' is not a value this setting takes for it: it takes a whole number or null"),
+        (["model=block_norm_dropout", "model.embedding_size=300000"], r"This run needs about .* GiB for one training step "
+         r"\(.*\), but only .* is available in RAM. The model alone does not fit: lower model.embedding_size"),
         (["data.split=halves"], r"data.split='halves' is not a split; choose one of contiguous, random_windows"),
         (["checkpoint.every_n_steps=0"], r"checkpoint.every_n_steps=0 must be a whole number of at least 1"),
         (["callbacks.early_stopping.min_delta=0.01"], r"min_delta=0.01 is set but patience is null"),
@@ -164,11 +174,16 @@ def test_a_refused_run_takes_back_its_new_folder_and_nothing_else(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_refused_run_says_why_in_one_paragraph_and_leaves_no_folder(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=bigram", "model.num_heads=8"], cwd=tmp_path,
+@pytest.mark.parametrize("overrides, message", [
+    (["model=bigram", "model.num_heads=8"], "model.num_heads=8 does nothing on the bigram rung"),
+    (["model=block_norm_dropout", "model.embedding_size=300000"], "The model alone does not fit"),  # not the OOM killer
+])
+def test_a_refused_run_says_why_in_one_paragraph_and_leaves_no_folder(overrides, message, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), f"data.path={corpus}", *overrides], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     out = result.stdout + result.stderr
     assert result.returncode == 2, out[-3000:]
     [line] = [line for line in out.splitlines() if "[ERROR]" in line]
-    assert "model.num_heads=8 does nothing on the bigram rung" in line and "Traceback" not in out
-    assert list(tmp_path.iterdir()) == []  # no run folder for report to list or ckpt_path=last to step over
+    assert message in line and "Traceback" not in out
+    assert list(tmp_path.iterdir()) == [corpus]  # no run folder for the report to list or ckpt_path=last to step over
