@@ -1,8 +1,9 @@
-"""Generation speed: characters/second for one stream of the scale_up model, and what 16 streams cost.
+"""Generation speed: characters/second for one stream of the cpu_speedrun model, and what 16 streams cost.
 
-    python benchmarks/generation.py [--chars 1000] [--repeats 5] [--threads 1]
+    python benchmarks/generation.py [--chars 1000] [--repeats 5] [--threads 1] [--experiment cpu_speedrun]
+    python benchmarks/generation.py --experiment scale_up
 
-An untrained model of the scale_up shape (its config composed from conf/): speed does not depend on the
+An untrained model of the experiment's shape (its config composed from conf/): speed does not depend on the
 weights. Each figure is the best of `--repeats` interleaved runs, so a busy machine disturbs it least;
 figures per CPU-second (this process's CPU time) are printed too, as other processes sharing the cores
 slow the wall clock but not them. Targets: >= 2,000 chars/s for one stream; 16 streams well under 16x
@@ -31,9 +32,9 @@ from shakespeare.tokenizer import PAD, CharTokenizer  # noqa: E402
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def scale_up_model(vocab_size: int) -> ShakespeareGenerator:
+def experiment_model(experiment: str, vocab_size: int) -> ShakespeareGenerator:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=scale_up"])
+        cfg = compose("train", overrides=[f"experiment={experiment}"])
     model = OmegaConf.to_container(cfg.model, resolve=True)
     return ShakespeareGenerator(GeneratorConfig(vocab_size=vocab_size, **model))
 
@@ -52,10 +53,11 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--experiment", default="cpu_speedrun", help="the model shape: an experiment config")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tokenizer = CharTokenizer([PAD, *sorted(set(string.printable[:-5]))][:66])  # tinyshakespeare's 65 + pad
-    model = scale_up_model(len(tokenizer))
+    model = experiment_model(args.experiment, len(tokenizer))
     cfg = model.cfg
     next_character = sampling.NextCharacter
 
@@ -70,7 +72,7 @@ def main() -> None:
         sampling.NextCharacter = whole_model
         runs["per_head"].append(seconds(model, tokenizer, args.chars, 1))
         sampling.NextCharacter = next_character
-    print(f"model: scale_up shape, sequence {cfg.sequence_length}, embedding {cfg.embedding_size}, {cfg.num_heads} heads, "
+    print(f"model: {args.experiment} shape ({type(model.blocks[0].heads).__name__}), sequence {cfg.sequence_length}, embedding {cfg.embedding_size}, {cfg.num_heads} heads, "
           f"{cfg.num_blocks} block(s), vocabulary {cfg.vocab_size}; torch {torch.__version__}, {args.threads} thread(s); "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     for clock, i in (("wall clock", 0), ("CPU time", 1)):

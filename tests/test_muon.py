@@ -9,8 +9,10 @@ from omegaconf import OmegaConf
 
 from shakespeare.cli import fit
 from shakespeare.errors import Interrupted
+from shakespeare.loading import load_generator
 from shakespeare.model import GeneratorConfig, ShakespeareGenerator
 from shakespeare.muon import MuonAdamW
+from shakespeare.sampling import sample
 from tests.conftest import compose_train
 
 
@@ -67,6 +69,10 @@ def test_a_muon_run_checkpoints_plain_data_and_resumes_exactly(tmp_path, corpus)
         torch.testing.assert_close(got["state_dict"][name], tensor, rtol=0, atol=1e-6)
     momentum = got["optimizer_states"][0]["muon"]["state"]
     assert momentum and all("momentum_buffer" in s for s in momentum.values())
+    model, tokenizer = load_generator(run)  # what generate.py reads: the checkpoint alone, weights_only
+    assert "QKNormAttention" in repr(model) and "positional_embedding" not in repr(model)
+    text = sample(model, tokenizer, "ROMEO:", max_new_tokens=40, generator=torch.Generator().manual_seed(0))[0]
+    assert len(text) == 40 and set(text) <= set(tokenizer.vocabulary)
 
 
 def test_cpu_orthogonalisation_is_torchs_iteration_in_float32():
