@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from shakespeare.callbacks import BEST_VAL_LOSS
 from shakespeare.checkpoints import AtomicCheckpointIO, check_resumable, find_run, read_checkpoint, resume_checkpoint
-from shakespeare.config import CONFIG_DIR, check_config, check_fits_in_memory, rung_help
+from shakespeare.config import CONFIG_DIR, check_config, check_with_data, rung_help
 from shakespeare.cpu import keep_freed_memory, set_threads
 from shakespeare.errors import EXPLAINED, Interrupted, UsageError, speaks
 from shakespeare.faults import explained
@@ -156,7 +156,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     log.info("torch threads=%d", torch.get_num_threads())
     keep_freed_memory()
     datamodule = build(cfg.data)
-    check_fits_in_memory(cfg, datamodule)
+    check_with_data(cfg, datamodule)
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.paths.log_dir)
     silence_known_noise(resuming=ckpt_path is not None)
     checkpoint = read_checkpoint(ckpt_path) if ckpt_path else None

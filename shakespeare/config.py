@@ -6,6 +6,7 @@ ShakespeareDataModule the data's sizes and the corpus); this adds what none of t
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import nullcontext
 from dataclasses import fields
@@ -78,6 +79,11 @@ def check_config(cfg: DictConfig) -> None:
                 "limit or early stopping to end the run)."
             )
     time_budget(cfg.trainer.get("max_time"))
+    if not 0 <= cfg.seed < 2**32:
+        raise UsageError(f"seed={cfg.seed} must lie in [0, 2**32): NumPy's generator takes no other seed, e.g. seed=1337.")
+    for key in ("log_every_n_steps", "check_val_every_n_epoch"):  # Lightning divides by them
+        if (value := cfg.trainer.get(key)) is not None and not is_count(value):
+            raise UsageError(f"trainer.{key}={value} must be a whole number of at least 1 (or null), e.g. trainer.{key}=1.")
     every = (cfg.get("checkpoint") or {}).get("every_n_steps")
     if every is not None and not is_count(every):
         raise UsageError(
@@ -146,13 +152,23 @@ def time_budget(max_time: object) -> float | None:
     return seconds
 
 
-def check_fits_in_memory(cfg: DictConfig, datamodule: ShakespeareDataModule) -> None:
-    """Refuse a run whose training step cannot fit in the memory free for it, with the estimate and the fix."""
+def check_with_data(cfg: DictConfig, datamodule: ShakespeareDataModule) -> None:
+    """The checks that need the text: a training step that cannot fit in the memory free for it is refused
+    with the estimate and the fix, and a validation interval longer than an epoch with the epoch's length."""
     settings = OmegaConf.to_container(cfg.model, resolve=True)
     model = GeneratorConfig(vocab_size=len(datamodule.tokenizer.vocabulary), **settings)
     batch_size = min(cfg.data.batch_size, len(datamodule.train_windows))  # a text shorter than a batch: one batch
     devices, accelerator = cfg.trainer.devices, cfg.trainer.accelerator
     check_memory(model, batch_size, devices if accelerator == "cpu" and isinstance(devices, int) else 1, accelerator)
+    interval, limit = cfg.trainer.get("val_check_interval"), cfg.trainer.get("limit_train_batches")
+    batches = math.ceil(len(datamodule.train_windows) / batch_size)
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit) if isinstance(limit, float) else batches
+    if isinstance(interval, int) and cfg.trainer.get("check_val_every_n_epoch") is not None and interval > batches:
+        raise UsageError(
+            f"trainer.val_check_interval={interval} is more steps than an epoch has ({batches} batches of "
+            f"data.batch_size={cfg.data.batch_size}), so validation would never run. Use at most {batches}, a "
+            "fraction of an epoch (e.g. 0.25), or trainer.check_val_every_n_epoch=null to count the steps across epochs."
+        )
 
 
 def check_optimizer(optimizer: DictConfig) -> None:

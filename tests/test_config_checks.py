@@ -41,6 +41,10 @@ from tests.conftest import ROOT, compose_train, write_corpus
         (["trainer.max_epochs=ten"], r"trainer.max_epochs='ten' is not a value .* it takes a whole number or null"),
         (["+trainer.max_epoch=3"], r"trainer.max_epoch is not a setting of lightning.pytorch.Trainer"),
         (["trainer.accelerator=1"], r"trainer.accelerator=1 is not a value .* it takes text.*quote text"),
+        (["seed=-5"], r"seed=-5 must lie in \[0, 2\*\*32\)"),
+        (["trainer.log_every_n_steps=0"], r"trainer.log_every_n_steps=0 must be a whole number of at least 1"),
+        (["trainer.check_val_every_n_epoch=0"], r"trainer.check_val_every_n_epoch=0 must be a whole number of at least 1"),
+        (["trainer.val_check_interval=100"], r"trainer.val_check_interval=100 is more steps than an epoch has \(5 batches"),
         (["trainer.threads=two"], r"trainer.threads='two' is not a value this setting takes for it: it takes a whole number or null"),
         (["model=block_norm_dropout", "model.embedding_size=300000"], r"This run needs about .* GiB for one training step "
          r"\(.*\), but only .* is available in RAM. The model alone does not fit: lower model.embedding_size"),
