@@ -175,7 +175,8 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         build(conf, **(resumed if conf._target_.endswith("TensorBoardLogger") else {}))
         for conf in (cfg.get("logger") or {}).values()
     ]
-    trainer = build(trainer_cfg, "trainer", callbacks=build_callbacks(cfg), logger=loggers, plugins=[AtomicCheckpointIO()])
+    trainer = build(trainer_cfg, "trainer", _convert_="all",  # plain dicts: trainer.max_time={minutes:10} is one
+                    callbacks=build_callbacks(cfg), logger=loggers, plugins=[AtomicCheckpointIO()])
     check_sweep_strategy(trainer)
     for logger in loggers:  # the HParams tab: these hyperparameters against the best validation loss so far
         logger.log_hyperparams(hyperparameters(cfg), metrics={BEST_VAL_LOSS: math.nan})

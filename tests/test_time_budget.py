@@ -58,8 +58,9 @@ def expected_learning_rates(lr: float, steps: range, warmup_steps: int = 2) -> l
     return [lr * warmup_cosine(n, float("inf"), warmup_steps, 0.1, time_spent=n / BUDGET) for n in steps]
 
 
-def test_the_learning_rate_follows_the_elapsed_fraction_of_max_time_and_ends_annealed(clock, corpus, tmp_path):
-    cfg = compose_train(tmp_path / "run", [f"data.path={corpus}", *RUN])
+@pytest.mark.parametrize("max_time", [f"00:00:00:{BUDGET:02d}", f"{{seconds:{BUDGET}}}"])
+def test_the_learning_rate_follows_the_elapsed_fraction_of_max_time_and_ends_annealed(max_time, clock, corpus, tmp_path):
+    cfg = compose_train(tmp_path / "run", [f"data.path={corpus}", *RUN, f"trainer.max_time={max_time}"])
     cli.fit(cfg)
     assert len(clock.learning_rates) == BUDGET  # the Timer stopped the run when the budget was spent
     assert clock.learning_rates == pytest.approx(expected_learning_rates(cfg.optimizer.lr, range(BUDGET)), rel=1e-6)
