@@ -99,14 +99,14 @@ def ratios(nanogpt: Path, threads: int) -> list[str]:
     lines = []
     for loss, multiple in RATIOS:
         target = multiple * reference
-        budget = target - overhead - 1  # a second of margin for the steps in flight when the time is up
+        budget = int(target - overhead - 1)  # whole seconds (Lightning's max_time); a second for the steps in flight
         if budget < 1:
             lines.append(f"val loss <= {loss} within {multiple}x nanoGPT's time ({target:.0f} s): MISSES (start-up alone takes {overhead:.0f} s)")
             continue
-        wall, points = run_ours([f"trainer.max_time={{seconds:{budget:.1f}}}"], threads)
+        wall, points = run_ours([f"trainer.max_time={{seconds:{budget}}}"], threads)
         reached = next((s for s, _, v in points if v <= loss), None)
         best = min(v for _, _, v in points)
-        print(f"cpu_speedrun trainer.max_time={budget:.1f}s: {wall:.1f} s, val loss at {curve(points)}  ({load()})", flush=True)
+        print(f"cpu_speedrun trainer.max_time={budget}s: {wall:.1f} s, val loss at {curve(points)}  ({load()})", flush=True)
         if reached is None:
             lines.append(f"val loss <= {loss} within {multiple}x nanoGPT's time ({target:.0f} s): not reached, best {best:.4f} "
                          f"after {wall:.0f} s  MISSES  ({load()})")

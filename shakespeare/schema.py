@@ -56,6 +56,8 @@ def parameters(builder: Callable) -> Parameters:
 
 def conforms(value: Any, kind: Any) -> bool:
     """Whether a plain config value (None, bool, number, str, list, dict) fits the annotation `kind`."""
+    if kind is Any:  # a class on Python 3.11+, so it must not reach isinstance below
+        return True
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (Union, types.UnionType):
         return any(conforms(value, arg) for arg in args)
@@ -99,8 +101,9 @@ def describe(kind: Any) -> str:
         return words[kind]
     if origin in (list, tuple, set, typing.Sequence, typing.Iterable) or kind in (list, tuple):
         return f"a list of {len(args)} values" if origin is tuple and args and args[-1] is not Ellipsis else "a list"
-    if origin in (dict, Mapping) or kind is dict:
-        return "a mapping of keys to values"
+    if origin in (dict, Mapping) or kind is dict:  # trainer.max_time={minutes:10}: whole numbers, as Lightning says
+        values = {int: "whole numbers", float: "numbers", str: "text"}.get(args[1] if args else None, "values")
+        return f"a mapping of keys to {values}"
     return "text" if isinstance(kind, type) and issubclass(kind, os.PathLike) else getattr(kind, "__name__", str(kind))
 
 

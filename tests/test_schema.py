@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -119,3 +120,18 @@ def test_every_rung_has_an_estimate():
     for name, rung in rungs().items():
         memory = step_memory(dataclasses.replace(rung, vocab_size=66, sequence_length=8), batch_size=64)
         assert memory.activations > 0 and memory.logits == 3 * 64 * 8 * 66 * 4, name
+
+
+def test_a_time_budget_in_fractional_seconds_is_refused_saying_whole_numbers():
+    values = put(CONFIGS["default"], "trainer.max_time", {"seconds": 26.5})
+    with pytest.raises(UsageError, match=r"trainer.max_time=\{'seconds': 26.5\} .* it takes text or a mapping of keys to whole numbers"):
+        check("default", values)
+
+
+def test_a_builder_that_takes_any_keyword_takes_any_value():
+    def callback(every: int = 1, **options: Any) -> None:  # a user's callback that passes its options on
+        """A builder whose extra keywords are typed Any."""
+
+    check_values({"callbacks": {"mine": {"every": 2, "colour": "red", "sizes": [1, 2]}}}, {}, {"callbacks.mine": callback})
+    with pytest.raises(UsageError, match=r"^callbacks.mine.every='2' is not a value"):
+        check_values({"callbacks": {"mine": {"every": "2"}}}, {}, {"callbacks.mine": callback})
