@@ -70,10 +70,10 @@ def compose_train(output_dir: Path, overrides: list[str] = ()) -> DictConfig:
 @pytest.fixture
 def tiny_cfg(tmp_path: Path, corpus: Path):
     """A factory for quick configs: the small corpus, small batches, one short epoch, the bigram unless a
-    `model=` override names another rung."""
+    `model=` override names another rung or an `experiment=` picks its own."""
 
     def make(*overrides: str) -> DictConfig:
-        rung = [] if any(o.startswith("model=") for o in overrides) else ["model=bigram"]
+        rung = [] if any(o.startswith(("model=", "experiment=")) for o in overrides) else ["model=bigram"]
         base = [
             *rung,
             f"data.path={corpus}",
