@@ -42,6 +42,7 @@ SETTINGS = {
     "num_samples": int,
     "seed": int | None,
     "on_unknown": Literal["error", "skip"],
+    "context": Literal["auto", "crop", "slide"],
     "device": str,
     "threads": int | None,
 }
@@ -50,7 +51,7 @@ SETTINGS = {
 def write_samples(cfg: DictConfig, out: TextIO = sys.stdout) -> list[str]:
     """Sample from `cfg.ckpt_path` as `cfg` describes, streaming the text to `out`; returns the samples."""
     check_types(cfg, SETTINGS)
-    options = {key: cfg[key] for key in ("max_new_tokens", "temperature", "top_k", "num_samples")}
+    options = {key: cfg[key] for key in ("max_new_tokens", "temperature", "top_k", "num_samples", "context")}
     check_options(**options)
     if not cfg.ckpt_path:
         raise UsageError(

@@ -223,8 +223,9 @@ class FusedAttention(nn.Module):
             x = self.dropout(x)
         return x
 
-    def queries_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The queries and keys as attention compares them; the modern variants position and normalise them."""
+    def queries_keys(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries and keys as attention compares them; the modern variants position and normalise them.
+        The keys are the positions from `start` on (sampling with a sliding window passes it), q the last of them."""
         return q, k
 
     def extra_repr(self) -> str:
@@ -239,14 +240,25 @@ class Rotary(nn.Module):
     def __init__(self, head_size: int, sequence_length: int, base: float = 10000.0):
         super().__init__()
         self.head_size, self.base = head_size, base
-        frequencies = base ** -(torch.arange(0, head_size, 2).float() / head_size)  # (hs/2,)
-        angles = torch.outer(torch.arange(sequence_length).float(), frequencies)  # (T, hs/2)
-        self.register_buffer("turns", torch.polar(torch.ones_like(angles), angles), persistent=False)
+        turns = self.turns_at(torch.arange(sequence_length, device="cpu"))  # (T, hs/2)
+        self.register_buffer("turns", turns.to(torch.get_default_device()), persistent=False)  # meta for estimates
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (B, H, Tq, hs) holds the last Tq of the Tk positions in k (B, H, Tk, hs)."""
+    def turns_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """(len(positions), hs/2) unit complex numbers: the turns for these absolute positions. Angles in float64
+        on the CPU (exact at large positions, and MPS has no float64), then moved to the positions' device."""
+        channels = torch.arange(0, self.head_size, 2, dtype=torch.float64, device="cpu")
+        frequencies = self.base ** -(channels / self.head_size)  # (hs/2,)
+        angles = torch.outer(positions.cpu().double(), frequencies)  # (len(positions), hs/2)
+        return torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(positions.device)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, H, Tq, hs) holds the last Tq of the Tk positions in k (B, H, Tk, hs), which begin at `start`."""
         Tq, Tk = q.shape[-2], k.shape[-2]
-        return self.rotate(q, self.turns[Tk - Tq : Tk]), self.rotate(k, self.turns[:Tk])
+        if start + Tk <= len(self.turns):
+            turns = self.turns[start : start + Tk]
+        else:  # past the training context: a sliding window, or a longer input
+            turns = self.turns_at(torch.arange(start, start + Tk, device=k.device))
+        return self.rotate(q, turns[Tk - Tq :]), self.rotate(k, turns)
 
     @staticmethod
     def rotate(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
@@ -265,8 +277,8 @@ class RotaryAttention(FusedAttention):
         super().__init__(cfg, num_heads, projection)
         self.rotary = Rotary(cfg.embedding_size // num_heads, cfg.sequence_length)
 
-    def queries_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rotary(q, k)
+    def queries_keys(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(q, k, start)
 
 
 class QKNormAttention(RotaryAttention):
@@ -278,8 +290,8 @@ class QKNormAttention(RotaryAttention):
         self.query_norm = NORMS[cfg.norm](cfg.embedding_size // num_heads)
         self.key_norm = NORMS[cfg.norm](cfg.embedding_size // num_heads)
 
-    def queries_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return super().queries_keys(self.query_norm(q), self.key_norm(k))
+    def queries_keys(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().queries_keys(self.query_norm(q), self.key_norm(k), start)
 
 
 def attention(cfg: GeneratorConfig, projection: bool) -> nn.Module:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 from shakespeare.errors import UsageError
-from shakespeare.model import Block, ShakespeareGenerator
+from shakespeare.model import Block, ReLUSquared, ShakespeareGenerator
 from shakespeare.tokenizer import Tokenizer
 
 ON_UNKNOWN = ("error", "skip")
+CONTEXTS = ("auto", "crop", "slide")  # auto: slide where the model allows it (rotary rungs), else crop
 HEAD_WEIGHT = re.compile(r"(.+?)(?:\.heads\.(\d+))?\.(query|key|value)\.weight")  # blocks.0.heads.heads.3.key.weight
 
 
@@ -77,8 +79,10 @@ class NextCharacter:
         return f"{type(self).__name__}({self.model})"
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, n): every character so far; the model reads the last sequence_length of them."""
         if self.cfg.attention == "none":
             return self.model(idx[:, -1:])[:, -1]
+        idx = idx[:, -self.cfg.sequence_length :]
         B, T = idx.shape
         C, H = self.cfg.embedding_size, self.num_heads
         x = self.embedding(idx)  # (B, T, C)
@@ -103,8 +107,153 @@ class NextCharacter:
         return self.linear(x)[:, -1]
 
 
-def check_options(max_new_tokens: int, temperature: float, top_k: int | None, num_samples: int) -> None:
+def plain(module: nn.Module | None, rows: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module`'s function on `rows` rows without nn.Module's call machinery (hooks, attribute lookups), which
+    costs as much as the arithmetic when one character goes through a layer: a norm is one ATen call, a
+    Linear one x @ W.T + b with W.T kept contiguous and b repeated for each row (copies; half a Linear's
+    call time on a CPU), ReLU² two in-place calls. None: the identity."""
+    if module is None:
+        return lambda x: x
+    if isinstance(module, nn.LayerNorm):
+        return partial(torch.layer_norm, normalized_shape=module.normalized_shape, weight=module.weight, bias=module.bias, eps=module.eps)
+    if isinstance(module, nn.RMSNorm):
+        return partial(torch.rms_norm, normalized_shape=module.normalized_shape, weight=module.weight, eps=module.eps)
+    if isinstance(module, ReLUSquared):  # in place: its input is a Linear's fresh output, and nothing trains
+        return lambda x: torch.relu_(x).square_()
+    if isinstance(module, nn.Linear):
+        transposed = module.weight.detach().t().contiguous()
+        if module.bias is None:
+            return partial(torch.mm, mat2=transposed)
+        return partial(torch.addmm, module.bias.detach().expand(rows, -1).contiguous(), mat2=transposed)
+    return module.forward
+
+
+def qk_norm(attention: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """QK-norm's two norms (`QKNormAttention`) as one call on queries and keys side by side (B, 2, H, hs), as
+    `plain` does for one norm; the identity for attention without them."""
+    norms = getattr(attention, "query_norm", None), getattr(attention, "key_norm", None)
+    if norms[0] is None:
+        return lambda qk: qk
+    weight = torch.stack([norm.weight.detach() for norm in norms]).unsqueeze(1)  # (2, 1, hs)
+    shape, eps = norms[0].normalized_shape, norms[0].eps
+    if isinstance(norms[0], nn.RMSNorm):
+        return lambda qk: torch.rms_norm(qk, shape, None, eps) * weight
+    bias = torch.stack([norm.bias.detach() for norm in norms]).unsqueeze(1)
+    return lambda qk: torch.addcmul(bias, torch.layer_norm(qk, shape, None, None, eps), weight)
+
+
+@dataclasses.dataclass
+class CachedBlock:
+    """One Block's functions, as `SlidingWindow` calls them for one character, and its ring of keys and values."""
+
+    norm1: Callable
+    qkv: Callable
+    qk_norm: Callable  # QK-norm of queries and keys side by side, or the identity
+    projection: Callable
+    norm2: Callable
+    linear: Callable
+    activation: Callable
+    up_projection: Callable
+    keys: torch.Tensor  # (B*H, hs, T): every stream's heads side by side, keys transposed
+    values: torch.Tensor  # (B*H, T, hs)
+
+    def __post_init__(self) -> None:
+        self.key_slots, self.value_slots = self.keys.unbind(2), self.values.unbind(1)  # views of each slot
+
+    @classmethod
+    def of(cls, block: Block, num_streams: int, T: int) -> CachedBlock:
+        attention, feed_forward = block.heads, block.feed_forward
+        H, hs = attention.num_heads, attention.rotary.head_size
+        return cls(
+            plain(block.norm1), plain(attention.qkv), qk_norm(attention), plain(attention.projection, num_streams), plain(block.norm2),
+            plain(feed_forward.linear, num_streams), plain(getattr(feed_forward, feed_forward.activation)),
+            plain(feed_forward.projection, num_streams),
+            attention.qkv.weight.new_zeros(num_streams * H, hs, T), attention.qkv.weight.new_zeros(num_streams * H, T, hs),
+        )
+
+
+class SlidingWindow:
+    """Logits (B, V) for the next character of each of B streams, for the rotary rungs, from cached keys and
+    values: each call runs only the characters it has not seen through the blocks, one at a time.
+
+    Each attention layer keeps the keys and values of the last T positions (T = sequence_length, a ring of
+    T slots) and the new query attends to them: sliding-window attention, as Mistral samples. Up to T
+    characters this is the model's own function. Past them it differs from the cropped window that
+    `NextCharacter` re-reads, where every position is recomputed from the window alone: here each layer still
+    attends to T positions, but those were computed from their own windows, so information reaches further
+    back, and a character costs about 1/T of the work. Only rotary positions allow this: a key rotated by its
+    absolute position is compared with a query by their distance alone, so cached keys stay valid.
+    """
+
+    def __init__(self, model: ShakespeareGenerator, num_streams: int):
+        cfg = model.cfg
+        if cfg.position != "rope":
+            raise UsageError(
+                f"context=slide caches keys for a sliding window, which needs rotary positions (the rope rung "
+                f"and above); this {cfg.name} model learns positions 0 to {cfg.sequence_length - 1} and must re-read "
+                "its window at every step. Use context=crop (or auto, which picks it)."
+            )
+        blocks = [block for block in model.blocks if isinstance(block, Block)]
+        self.blocks = [CachedBlock.of(block, num_streams, cfg.sequence_length) for block in blocks]
+        self.rotary = blocks[0].heads.rotary  # every block's turns are the same
+        self.turns = self.rotary.turns  # (T, hs/2), doubled as the window slides past it
+        self.embedding, self.linear = model.embedding.weight, plain(model.linear, num_streams)
+        self.final_norm = plain(None if isinstance(model.blocks[-1], Block) else model.blocks[-1])
+        self.T, self.num_heads = cfg.sequence_length, cfg.num_heads
+        self.scales = torch.tensor([self.rotary.head_size**-0.5, 1.0], device=model.linear.weight.device).view(2, 1, 1)
+        self.seen = 0  # characters run through the blocks so far: the next one's position
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, n): every character so far; the ones not yet seen go through the blocks."""
+        for i in range(self.seen, idx.shape[1]):
+            logits = self.step(idx[:, i])
+        return logits
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B,): the character at position `seen` of each stream -> logits (B, V) for the one after it."""
+        position, slot, filled = self.seen, self.seen % self.T, min(self.seen + 1, self.T)
+        if position == len(self.turns):  # the rotary turns of twice as many positions
+            self.turns = self.rotary.turns_at(torch.arange(2 * position, device=self.turns.device))
+        turns = self.turns[position] * self.scales  # (2, 1, hs/2): the query's turn, scaled, and the key's
+        x = F.embedding(idx, self.embedding)  # (B, C); rotary rungs add no position embedding
+        B, C = x.shape
+        BH = B * self.num_heads
+        for block in self.blocks:
+            qkv = block.qkv(block.norm1(x)).view(B, 3, self.num_heads, -1)  # (B, 3, H, hs)
+            q, k = rotate(block.qk_norm(qkv[:, :2]), turns).unbind(1)  # (B, H, hs) each
+            v = qkv[:, 2]
+            block.key_slots[slot].copy_(k.reshape(BH, -1)), block.value_slots[slot].copy_(v.reshape(BH, -1))  # the oldest
+            keys, values = (block.keys, block.values) if filled == self.T else (block.keys[..., :filled], block.values[:, :filled])
+            y = torch.bmm(torch.bmm(q.reshape(BH, 1, -1), keys).softmax(dim=-1), values)  # (B*H, 1, hs); slots in any order
+            x += block.projection(y.view(B, C))  # x is this step's own tensor
+            x += block.up_projection(block.activation(block.linear(block.norm2(x))))
+        self.seen += 1
+        return self.linear(self.final_norm(x))
+
+
+def rotate(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """x (..., hs) turned pair by pair by `turn` (hs/2 unit complex numbers): `Rotary.rotate` for one position."""
+    return torch.view_as_real(torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2)) * turn).view(x.shape)
+
+
+def next_character_reader(model: ShakespeareGenerator, context: str, num_streams: int) -> NextCharacter | SlidingWindow:
+    """What reads the characters so far and gives the next one's logits: the window re-read at every step
+    (crop, the function the model was trained on) or the sliding-window cache (slide; auto picks it where the
+    model's positions allow it)."""
+    if context == "slide" or (context == "auto" and model.cfg.position == "rope" and model.cfg.residual):
+        return SlidingWindow(model, num_streams)
+    return NextCharacter(model)
+
+
+def check_options(
+    max_new_tokens: int, temperature: float, top_k: int | None, num_samples: int, context: str = "auto"
+) -> None:
     """Refuse sampling options that have no meaning, naming the value and a sensible one."""
+    if context not in CONTEXTS:
+        raise UsageError(
+            f"context={context!r} is not one of {', '.join(CONTEXTS)}: crop re-reads the last sequence_length "
+            "characters at every step, slide caches keys and values (rotary rungs), auto picks slide where it can."
+        )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise UsageError(f"max_new_tokens={max_new_tokens!r} must be a whole number of at least 0, e.g. 500.")
     if not isinstance(temperature, (int, float)) or not temperature > 0:
@@ -145,26 +294,30 @@ def stream(
     num_samples: int = 1,
     generator: torch.Generator | None = None,
     on_unknown: str = "error",
+    context: str = "auto",
 ) -> Iterator[list[str]]:
     """Sample `num_samples` continuations of `prompt` side by side; yields each step's new characters,
     one string per sample. An empty prompt starts from the pad id, the log's "predict from empty input".
+    `context` says how the model reads past its sequence_length (`next_character_reader`).
 
     The options are checked here, before the first step, so bad input fails at the call, not mid-stream.
     """
-    check_options(max_new_tokens, temperature, top_k, num_samples)
+    check_options(max_new_tokens, temperature, top_k, num_samples, context)
     ids = encode_prompt(tokenizer, prompt, on_unknown)
     if len(ids) == 0:
         ids = torch.tensor([tokenizer.pad_id])
     device = next(model.parameters()).device
     if generator is not None and generator.device != device:
         raise ValueError(f"the generator is on {generator.device} but the model on {device}")
-    return _steps(model, tokenizer, ids.to(device), max_new_tokens, temperature, top_k, num_samples, generator)
+    read = next_character_reader(model, context, num_samples)
+    return _steps(model, tokenizer, read, ids.to(device), max_new_tokens, temperature, top_k, num_samples, generator)
 
 
 @torch.inference_mode()
 def _steps(
     model: ShakespeareGenerator,
     tokenizer: Tokenizer,
+    read: NextCharacter | SlidingWindow,
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
     temperature: float,
@@ -172,18 +325,17 @@ def _steps(
     num_samples: int,
     generator: torch.Generator | None,
 ) -> Iterator[list[str]]:
-    T, V, P = model.cfg.sequence_length, len(tokenizer), len(prompt_ids)
+    V, P = len(tokenizer), len(prompt_ids)
     top_k = None if top_k is None or top_k >= V - 1 else top_k  # the pad id is never a candidate
     ids = torch.empty(num_samples, P + max_new_tokens, dtype=torch.long, device=prompt_ids.device)
     ids[:, :P] = prompt_ids
     decoders = [tokenizer.stream_decoder() for _ in range(num_samples)]  # bytes become text once a character is whole
     was_training = model.training
     model.eval()
-    next_character = NextCharacter(model)
     noise = torch.empty(num_samples, V, device=prompt_ids.device)
     try:
         for n in range(P, P + max_new_tokens):
-            logits = next_character(ids[:, max(0, n - T) : n])  # (B, V), the context cropped to T
+            logits = read(ids[:, :n])  # (B, V)
             logits[:, tokenizer.pad_id] = float("-inf")
             if temperature != 1.0:
                 logits /= temperature

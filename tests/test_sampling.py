@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from shakespeare.errors import UsageError
 from shakespeare.model import GeneratorConfig, ShakespeareGenerator
-from shakespeare.sampling import NextCharacter, sample, stream
+from shakespeare.sampling import NextCharacter, SlidingWindow, next_character_reader, sample, stream
 from shakespeare.tokenizer import PAD, CharTokenizer
 from tests.conftest import compose_train
 
@@ -138,3 +138,87 @@ def test_next_character_is_the_models_last_position_in_fewer_steps(rung, overrid
     for length in (1, T // 2, T):
         idx = torch.randint(1, 66, (3, length))
         torch.testing.assert_close(next_character(idx), model(idx)[:, -1], atol=1e-5, rtol=1e-5)
+
+
+ROTARY_RUNGS = [
+    ("rope", []),
+    ("qk_norm", []),
+    ("qk_norm", ["model.norm=layer", "model.num_blocks=3", "model.feed_forward_size=64"]),  # cpu_speedrun's parts
+]
+
+
+def rotary_model(rung: str, overrides: list[str], tmp_path, sequence_length: int = 8) -> ShakespeareGenerator:
+    cfg = compose_train(tmp_path, [f"model={rung}", f"data.sequence_length={sequence_length}", *overrides])
+    torch.manual_seed(0)
+    return ShakespeareGenerator(GeneratorConfig(vocab_size=66, **OmegaConf.to_container(cfg.model, resolve=True))).eval()
+
+
+def sliding_window_reference(model: ShakespeareGenerator, idx: torch.Tensor) -> torch.Tensor:
+    """Every position's logits (B, L, V) when each attends to itself and the T - 1 positions before it, all
+    computed at once: what the cache must give one character at a time."""
+    T, L = model.cfg.sequence_length, idx.shape[1]
+    distance = torch.arange(L)[:, None] - torch.arange(L)[None, :]
+    band = (distance >= 0) & (distance < T)  # (L, L): query row, key column
+    x = model.embedding(idx)
+    for block in model.blocks[:-1]:
+        attention, h = block.heads, block.norm1(x)
+        B, _, C = h.shape
+        q, k, v = attention.qkv(h).view(B, L, 3, attention.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = attention.queries_keys(q, k)  # positions 0 .. L-1, past the rotary table
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band)
+        x = x + attention.projection(y.transpose(1, 2).reshape(B, L, C))
+        x = x + block.feed_forward(block.norm2(x))
+    return model.linear(model.blocks[-1](x))
+
+
+@pytest.mark.parametrize("rung, overrides", ROTARY_RUNGS)
+@torch.inference_mode()
+def test_the_sliding_window_is_the_models_own_function_up_to_its_context(rung, overrides, tmp_path):
+    model = rotary_model(rung, overrides, tmp_path)
+    T = model.cfg.sequence_length
+    for prompt_length in (1, 3, T):
+        idx = torch.randint(1, 66, (3, T))
+        window = SlidingWindow(model, num_streams=3)
+        for n in range(prompt_length, T + 1):  # the prompt at once, then one character a call
+            torch.testing.assert_close(window(idx[:, :n]), model(idx[:, :n])[:, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rung, overrides", ROTARY_RUNGS)
+@torch.inference_mode()
+def test_past_its_context_the_sliding_window_attends_to_the_last_T_positions(rung, overrides, tmp_path):
+    model = rotary_model(rung, overrides, tmp_path)
+    T = model.cfg.sequence_length
+    idx = torch.randint(1, 66, (2, 3 * T + 3))  # the ring of T slots wraps round three times
+    expected = sliding_window_reference(model, idx)
+    for prompt_length in (2, T + 5):  # a prompt longer than the context too
+        window = SlidingWindow(model, num_streams=2)
+        for n in range(prompt_length, idx.shape[1] + 1):
+            torch.testing.assert_close(window(idx[:, :n]), expected[:, n - 1], atol=1e-4, rtol=1e-4)
+    assert all(len(block.heads.rotary.turns) == T for block in model.blocks[:-1])  # the model is left as it was
+    cropped = NextCharacter(model)(idx)
+    torch.testing.assert_close(cropped, model(idx[:, -T:])[:, -1], atol=1e-5, rtol=1e-5)
+    if model.cfg.num_blocks == 1:  # one layer attends to T positions computed from the characters alone
+        torch.testing.assert_close(cropped, expected[:, -1], atol=1e-4, rtol=1e-4)
+    else:  # re-reading the window is another function past T: later layers' cached positions saw further back
+        assert not torch.allclose(cropped, expected[:, -1], atol=1e-3)
+
+
+def test_auto_slides_where_positions_rotate_and_crops_where_they_are_learned(tmp_path):
+    rotary, learned = rotary_model("qk_norm", [], tmp_path), rotary_model("block_norm_dropout", [], tmp_path)
+    assert isinstance(next_character_reader(rotary, "auto", 1), SlidingWindow)
+    assert isinstance(next_character_reader(rotary, "crop", 1), NextCharacter)
+    assert isinstance(next_character_reader(learned, "auto", 1), NextCharacter)
+    with pytest.raises(UsageError, match="context=slide .* rotary positions .* context=crop"):
+        stream(learned, TOKENIZER, "ROMEO:", context="slide")
+    with pytest.raises(UsageError, match="context='window' is not one of auto, crop, slide"):
+        stream(rotary, TOKENIZER, "ROMEO:", context="window")
+
+
+def test_sliding_and_cropped_samples_agree_while_the_text_fits_the_context(tmp_path):
+    model = rotary_model("qk_norm", [], tmp_path, sequence_length=32)
+    tokenizer = CharTokenizer([PAD, *(chr(c) for c in range(33, 33 + 65))])  # 66 ids, as the model's vocabulary
+    options = dict(max_new_tokens=24, num_samples=2)
+    slid = sample(model, tokenizer, "AB", generator=seeded(3), context="slide", **options)
+    assert slid == sample(model, tokenizer, "AB", generator=seeded(3), context="crop", **options)
+    longer = dict(options, max_new_tokens=120)
+    assert sample(model, tokenizer, "AB", generator=seeded(3), context="slide", **longer)[0][:24] == slid[0]
