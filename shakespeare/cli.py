@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from shakespeare.callbacks import BEST_VAL_LOSS
 from shakespeare.checkpoints import AtomicCheckpointIO, check_resumable, find_run, read_checkpoint, resume_checkpoint
 from shakespeare.config import CONFIG_DIR, check_config, check_with_data, rung_help
-from shakespeare.cpu import keep_freed_memory, set_threads
+from shakespeare.cpu import flush_denormals, keep_freed_memory, set_threads
 from shakespeare.errors import EXPLAINED, Interrupted, UsageError, speaks
 from shakespeare.faults import explained
 from shakespeare.module import ShakespeareModule
@@ -155,6 +155,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     set_threads(trainer_cfg.pop("threads", None))
     log.info("torch threads=%d", torch.get_num_threads())
     keep_freed_memory()
+    flush_denormals()
     datamodule = build(cfg.data)
     check_with_data(cfg, datamodule)
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.paths.log_dir)

@@ -115,7 +115,8 @@ def plain(module: nn.Module | None, rows: int = 1) -> Callable[[torch.Tensor], t
     if module is None:
         return lambda x: x
     if isinstance(module, nn.LayerNorm):
-        return partial(torch.layer_norm, normalized_shape=module.normalized_shape, weight=module.weight, bias=module.bias, eps=module.eps)
+        shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
+        return partial(torch.layer_norm, normalized_shape=shape, weight=weight, bias=bias, eps=eps)
     if isinstance(module, nn.RMSNorm):
         return partial(torch.rms_norm, normalized_shape=module.normalized_shape, weight=module.weight, eps=module.eps)
     if isinstance(module, ReLUSquared):  # in place: its input is a Linear's fresh output, and nothing trains
@@ -144,31 +145,38 @@ def qk_norm(attention: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 @dataclasses.dataclass
 class CachedBlock:
-    """One Block's functions, as `SlidingWindow` calls them for one character, and its ring of keys and values."""
+    """One Block's functions as `SlidingWindow` calls them on one character per stream, and its ring of keys
+    and values: every stream's heads side by side, keys (B*H, hs, T) transposed for the query's product."""
 
     norm1: Callable
     qkv: Callable
-    qk_norm: Callable  # QK-norm of queries and keys side by side, or the identity
+    qk_norm: Callable
     projection: Callable
     norm2: Callable
-    linear: Callable
+    feed_forward_in: Callable
     activation: Callable
-    up_projection: Callable
-    keys: torch.Tensor  # (B*H, hs, T): every stream's heads side by side, keys transposed
+    feed_forward_out: Callable
+    keys: torch.Tensor
     values: torch.Tensor  # (B*H, T, hs)
 
     def __post_init__(self) -> None:
-        self.key_slots, self.value_slots = self.keys.unbind(2), self.values.unbind(1)  # views of each slot
+        self.key_slots, self.value_slots = self.keys.unbind(2), self.values.unbind(1)  # a view of each slot
 
     @classmethod
     def of(cls, block: Block, num_streams: int, T: int) -> CachedBlock:
         attention, feed_forward = block.heads, block.feed_forward
         H, hs = attention.num_heads, attention.rotary.head_size
         return cls(
-            plain(block.norm1), plain(attention.qkv), qk_norm(attention), plain(attention.projection, num_streams), plain(block.norm2),
-            plain(feed_forward.linear, num_streams), plain(getattr(feed_forward, feed_forward.activation)),
-            plain(feed_forward.projection, num_streams),
-            attention.qkv.weight.new_zeros(num_streams * H, hs, T), attention.qkv.weight.new_zeros(num_streams * H, T, hs),
+            norm1=plain(block.norm1),
+            qkv=plain(attention.qkv),
+            qk_norm=qk_norm(attention),
+            projection=plain(attention.projection, num_streams),
+            norm2=plain(block.norm2),
+            feed_forward_in=plain(feed_forward.linear, num_streams),
+            activation=plain(getattr(feed_forward, feed_forward.activation)),
+            feed_forward_out=plain(feed_forward.projection, num_streams),
+            keys=attention.qkv.weight.new_zeros(num_streams * H, hs, T),
+            values=attention.qkv.weight.new_zeros(num_streams * H, T, hs),
         )
 
 
@@ -221,12 +229,12 @@ class SlidingWindow:
         for block in self.blocks:
             qkv = block.qkv(block.norm1(x)).view(B, 3, self.num_heads, -1)  # (B, 3, H, hs)
             q, k = rotate(block.qk_norm(qkv[:, :2]), turns).unbind(1)  # (B, H, hs) each
-            v = qkv[:, 2]
-            block.key_slots[slot].copy_(k.reshape(BH, -1)), block.value_slots[slot].copy_(v.reshape(BH, -1))  # the oldest
-            keys, values = (block.keys, block.values) if filled == self.T else (block.keys[..., :filled], block.values[:, :filled])
-            y = torch.bmm(torch.bmm(q.reshape(BH, 1, -1), keys).softmax(dim=-1), values)  # (B*H, 1, hs); slots in any order
+            block.key_slots[slot].copy_(k.reshape(BH, -1))  # into the oldest slot
+            block.value_slots[slot].copy_(qkv[:, 2].reshape(BH, -1))
+            keys, values = block.keys[..., :filled], block.values[:, :filled]  # every slot, once the ring is full
+            y = torch.bmm(torch.bmm(q.reshape(BH, 1, -1), keys).softmax(dim=-1), values)  # (B*H, 1, hs); any slot order
             x += block.projection(y.view(B, C))  # x is this step's own tensor
-            x += block.up_projection(block.activation(block.linear(block.norm2(x))))
+            x += block.feed_forward_out(block.activation(block.feed_forward_in(block.norm2(x))))
         self.seen += 1
         return self.linear(self.final_norm(x))
 
