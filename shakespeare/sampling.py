@@ -231,7 +231,9 @@ class SlidingWindow:
             q, k = rotate(block.qk_norm(qkv[:, :2]), turns).unbind(1)  # (B, H, hs) each
             block.key_slots[slot].copy_(k.reshape(BH, -1))  # into the oldest slot
             block.value_slots[slot].copy_(qkv[:, 2].reshape(BH, -1))
-            keys, values = block.keys[..., :filled], block.values[:, :filled]  # every slot, once the ring is full
+            keys, values = block.keys, block.values
+            if filled < self.T:  # the ring is not full yet
+                keys, values = keys[..., :filled], values[:, :filled]
             y = torch.bmm(torch.bmm(q.reshape(BH, 1, -1), keys).softmax(dim=-1), values)  # (B*H, 1, hs); any slot order
             x += block.projection(y.view(B, C))  # x is this step's own tensor
             x += block.feed_forward_out(block.activation(block.feed_forward_in(block.norm2(x))))
