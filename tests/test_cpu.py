@@ -49,9 +49,11 @@ def test_big_blocks_are_reused_without_page_faults():
     for _ in range(5):  # the heap grows to hold the block once...
         torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):  # ...then reuses it; fresh mappings would fault ~16k pages per block
+    for _ in range(5):  # ...then reuses it; fresh mappings would fault every page of every block
         torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 2000
+    pages = 64 * 2**20 // resource.getpagesize()
+    # 5 x pages without the setting; a kernel that reclaims the idle block's pages (e.g. DAMON) may cost one block
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 2 * pages
 
 
 def test_cpu_speedrun_validates_at_its_last_step(tiny_cfg):
