@@ -223,9 +223,8 @@ class FusedAttention(nn.Module):
             x = self.dropout(x)
         return x
 
-    def queries_keys(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The queries and keys as attention compares them; the modern variants position and normalise them.
-        The keys are the positions from `start` on (sampling with a sliding window passes it), q the last of them."""
+    def queries_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries and keys as attention compares them; the modern variants position and normalise them."""
         return q, k
 
     def extra_repr(self) -> str:
@@ -251,13 +250,10 @@ class Rotary(nn.Module):
         angles = torch.outer(positions.cpu().double(), frequencies)  # (len(positions), hs/2)
         return torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(positions.device)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (B, H, Tq, hs) holds the last Tq of the Tk positions in k (B, H, Tk, hs), which begin at `start`."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, H, Tq, hs) holds the last Tq of the Tk positions in k (B, H, Tk, hs)."""
         Tq, Tk = q.shape[-2], k.shape[-2]
-        if start + Tk <= len(self.turns):
-            turns = self.turns[start : start + Tk]
-        else:  # past the training context: a sliding window, or a longer input
-            turns = self.turns_at(torch.arange(start, start + Tk, device=k.device))
+        turns = self.turns[:Tk] if Tk <= len(self.turns) else self.turns_at(torch.arange(Tk, device=k.device))
         return self.rotate(q, turns[Tk - Tq :]), self.rotate(k, turns)
 
     @staticmethod
@@ -277,8 +273,8 @@ class RotaryAttention(FusedAttention):
         super().__init__(cfg, num_heads, projection)
         self.rotary = Rotary(cfg.embedding_size // num_heads, cfg.sequence_length)
 
-    def queries_keys(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rotary(q, k, start)
+    def queries_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(q, k)
 
 
 class QKNormAttention(RotaryAttention):
@@ -290,8 +286,8 @@ class QKNormAttention(RotaryAttention):
         self.query_norm = NORMS[cfg.norm](cfg.embedding_size // num_heads)
         self.key_norm = NORMS[cfg.norm](cfg.embedding_size // num_heads)
 
-    def queries_keys(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        return super().queries_keys(self.query_norm(q), self.key_norm(k), start)
+    def queries_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().queries_keys(self.query_norm(q), self.key_norm(k))
 
 
 def attention(cfg: GeneratorConfig, projection: bool) -> nn.Module:

@@ -318,6 +318,8 @@ def test_rotary_scores_depend_only_on_the_distance_between_positions():
     assert not torch.allclose(score(5, 2), score(5, 4))
     last_q, all_k = rotary(torch.randn(2, 1, 3, 8), torch.randn(2, 1, 10, 8))  # queries: the last 3 of 10 positions
     assert last_q.shape == (2, 1, 3, 8) and all_k.shape == (2, 1, 10, 8)
+    long_q, long_k = rotary(q.expand(1, 1, 40, 8), k.expand(1, 1, 40, 8))  # past the 16 positions of its table
+    torch.testing.assert_close(long_q[0, 0, 35] @ long_k[0, 0, 32], score(5, 2))
 
 
 def test_rope_rungs_have_no_position_embedding_and_still_see_order(tmp_path):
