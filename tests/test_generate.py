@@ -146,6 +146,8 @@ def test_generate_refuses_bad_options(run):
         ("temperature=0", "temperature=0 must be greater than 0"),
         ("top_k=0", "top_k=0 must be a whole number of at least 1"),
         ("device=tpu", "device='tpu' is not available on this machine"),
+        ("context=slide", "context=slide caches keys .* rotary positions .* Use context=crop"),  # learned positions
+        ("context=window", "context='window' .* auto, crop, slide"),
     ]:
         with pytest.raises(UsageError, match=message):
             write_samples(compose_generate(f"ckpt_path={run.best}", override), io.StringIO())
