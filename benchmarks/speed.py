@@ -236,7 +236,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(TARGETS), help="comma-separated targets")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rungs", default=",".join(RUNGS), help="comma-separated rungs for the fused target")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (trainer.threads)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (host.threads)")
     parser.add_argument("--framework-batches", type=int, default=300)
     parser.add_argument("--framework-repeats", type=int, default=3)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -54,7 +54,7 @@ def load() -> str:
 
 def train(args: list[str], threads: int, out: str) -> float:
     """Run `python train.py args` writing under `out`; returns its wall seconds."""
-    command = [sys.executable, str(ROOT / "train.py"), *args, f"paths.log_dir={out}", f"trainer.threads={threads}",
+    command = [sys.executable, str(ROOT / "train.py"), *args, f"paths.log_dir={out}", f"host.threads={threads}",
                "trainer.enable_progress_bar=false"]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=out)
@@ -144,7 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout with shakespeare_char prepared (for ratios)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for both sides (trainer.threads)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for both sides (host.threads)")
     parser.add_argument("--moonshot", nargs="*", default=MOONSHOT, help="cpu_speedrun overrides for the 15-minute run")
     parser.add_argument("--ladder", nargs="*", default=[], help="overrides for the modern ladder, e.g. trainer.max_time=00:00:05:00")
     args = parser.parse_args()

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from shakespeare.errors import UsageError
+from shakespeare.run_folder import unescaped
 from shakespeare.inspection import (
     LOSS_BY_POSITION,
     attention_grid,
@@ -143,7 +144,7 @@ class ResearchLog(EpochLine):
     def __init__(self, path: str | Path, command: list[str] | None = None, sample_length: int = 300) -> None:
         super().__init__()
         self.path = Path(path)
-        self.command = "python train.py " + " ".join(command or [])
+        self.command = "python train.py " + " ".join(unescaped(o) for o in command or [])
         self.sample_length = sample_length
         self.status, self.note = "running", ""
         self.title = self.config = self.learner = self.sample = ""

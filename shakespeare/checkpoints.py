@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from shakespeare.config import run_overrides, time_budget
 from shakespeare.errors import Fault, UsageError
+from shakespeare.run_folder import unescaped
 
 LAST = "last.ckpt"
 PREVIOUS = "last.prev.ckpt"  # the last.ckpt before the current one, kept in case the current one rots
@@ -242,7 +243,7 @@ def differences(saved: dict[str, Any], wanted: dict[str, Any], prefix: str) -> l
 
 def resume_command(overrides: list[str], ckpt_path: str | Path) -> str:
     """The command line that resumes a run: its overrides (any old ckpt_path dropped) and the checkpoint."""
-    kept = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") == "ckpt_path"]
+    kept = [unescaped(o) for o in overrides if not o.split("=", 1)[0].lstrip("+~") == "ckpt_path"]
     return shlex.join(["python", "train.py", *kept, f"ckpt_path={ckpt_path}"])
 
 

@@ -27,8 +27,8 @@ from shakespeare.errors import EXPLAINED, Interrupted, UsageError, speaks
 from shakespeare.faults import explained
 from shakespeare.module import ShakespeareModule
 from shakespeare.noise import silence_known_noise
-from shakespeare.run_folder import discard_refused_run
-from shakespeare.sweep import record_failure
+from shakespeare.run_folder import discard_refused_run, folder_name
+from shakespeare.sweep import record_failure, show_typed_overrides
 
 log = logging.getLogger("shakespeare")
 
@@ -47,6 +47,8 @@ OmegaConf.register_new_resolver(
     "run_dir", lambda ckpt_path, log_dir, new: str(resumed_run(ckpt_path, log_dir) or new), use_cache=True, replace=True
 )
 OmegaConf.register_new_resolver("rung_help", rung_help, use_cache=True, replace=True)  # python train.py --help
+OmegaConf.register_new_resolver("folder_name", folder_name, use_cache=True, replace=True)  # pastes back unquoted
+show_typed_overrides()
 OmegaConf.register_new_resolver(
     "hydra_subdir",
     lambda ckpt_path, log_dir, now: f".hydra/resumed-{now}" if resumed_run(ckpt_path, log_dir) else ".hydra",
@@ -150,10 +152,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     check_accelerator(cfg.trainer.accelerator)
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg.pop("collective_timeout", None)  # callbacks.lost_rank applies it
-    set_threads(trainer_cfg.pop("threads", None))
-    log.info("torch threads=%d", torch.get_num_threads())
+    set_threads(cfg.host.threads)
     keep_freed_memory()
     flush_denormals()
     datamodule = build(cfg.data)
@@ -176,7 +175,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         build(conf, **(resumed if conf._target_.endswith("TensorBoardLogger") else {}))
         for conf in (cfg.get("logger") or {}).values()
     ]
-    trainer = build(trainer_cfg, "trainer", _convert_="all",  # plain dicts: trainer.max_time={minutes:10} is one
+    trainer = build(cfg.trainer, "trainer", _convert_="all",  # plain dicts: trainer.max_time={minutes:10} is one
                     callbacks=build_callbacks(cfg), logger=loggers, plugins=[AtomicCheckpointIO()])
     check_sweep_strategy(trainer)
     for logger in loggers:  # the HParams tab: these hyperparameters against the best validation loss so far

@@ -13,6 +13,7 @@ from dataclasses import fields
 from functools import cache
 from numbers import Real
 from pathlib import Path
+from typing import Literal
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -29,6 +30,7 @@ from shakespeare.errors import UsageError
 from shakespeare.memory import check_memory
 from shakespeare.model import GeneratorConfig
 from shakespeare.module import warmup_cosine
+from shakespeare.run_folder import unescaped
 from shakespeare.schema import check_types
 
 
@@ -37,7 +39,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 def run_overrides() -> list[str]:
     """The command-line overrides of this run (empty outside Hydra, e.g. in tests composing configs)."""
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return [unescaped(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
 
 
 def is_count(value: object, minimum: int = 1) -> bool:
@@ -53,8 +55,8 @@ TYPES = {
     "paths.log_dir": str,
     "paths.output_dir": str,
     "paths.cache_dir": str,
-    "trainer.threads": int | None,  # torch's threads (shakespeare.cpu.set_threads), not a Trainer setting
-    "trainer.collective_timeout": float,  # seconds (callbacks.lost_rank applies it), not a Trainer setting
+    "host.threads": int | Literal["auto"] | None,  # torch's threads (shakespeare.cpu.set_threads)
+    "host.collective_timeout": float,  # seconds (callbacks.lost_rank applies it)
     "callbacks.early_stopping.patience": int | None,  # null switches early stopping off
 }
 BUILDERS = {"model": GeneratorConfig, "scheduler": warmup_cosine}  # the nodes without a _target_

@@ -3,32 +3,82 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
+import time
+from pathlib import Path
 
 import torch
 
 from shakespeare.errors import UsageError
 
+log = logging.getLogger("shakespeare")
+
 # mallopt parameters from glibc's malloc.h
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+AUTO = "auto"  # host.threads=auto: one thread per core that other work leaves free when the run starts
+SAMPLE_SECONDS = 0.3  # how long `busy_cores` watches the machine
+TORCH_DEFAULT = torch.get_num_threads()  # one per physical core (or $OMP_NUM_THREADS), before anything sets it
 
 
-def set_threads(threads: int | None) -> None:
-    """Use `threads` intra-op threads (None: torch's default, one per core).
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or SLURM job's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def busy_cores(seconds: float = SAMPLE_SECONDS) -> float | None:
+    """How many cores other processes kept busy over the next `seconds`: the machine's busy time (/proc/stat)
+    less this process's own. None where the kernel does not say (macOS, Windows)."""
+    stat = Path("/proc/stat")
+    if not stat.is_file():
+        return None
+
+    def sample() -> tuple[float, float, float]:
+        ticks = [int(n) for n in stat.read_text().split("\n", 1)[0].split()[1:9]]
+        busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+        own = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.monotonic()
+
+    busy0, own0, t0 = sample()
+    time.sleep(seconds)
+    busy1, own1, t1 = sample()
+    return max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
+
+
+def auto_threads() -> tuple[int, str]:
+    """One thread per core that other processes leave free now (at least one), and why, for the log."""
+    total, busy = min(cores(), TORCH_DEFAULT), busy_cores()
+    if busy is None:
+        return total, f"{total} cores"
+    free = max(1, min(total, round(total - busy)))
+    return free, f"{total} cores, {busy:.1f} of them busy with other work" if busy >= 0.5 else f"{total} cores, all free"
+
+
+def set_threads(threads: int | str | None) -> None:
+    """Use `threads` intra-op threads: a count, `auto` (the cores free when the run starts) or None (torch's
+    default, one per core).
 
     One thread is the safe default: with two or more, a busy neighbour process (another run of a sweep,
-    a browser) stalls every step at OpenMP's barriers and training slows down 20-40x.
+    a browser) stalls every step at OpenMP's barriers and training slows down 20-40x. `auto` measures the
+    neighbours once, at the start: work that starts later still stalls the run.
     """
     if threads is None:
+        log.info("torch threads=%d (one per core)", torch.get_num_threads())
         return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+    why = ""
+    if threads == AUTO:
+        threads, reason = auto_threads()
+        why = f" (host.threads=auto: {reason})"
+    elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise UsageError(
-            f"trainer.threads={threads!r} must be a whole number of at least 1 (the CPU threads torch uses), "
-            "or null for torch's default of one per core. Use 1 when other work shares the machine."
+            f"host.threads={threads!r} must be a whole number of at least 1 (the CPU threads torch uses), auto "
+            "(every core other work leaves free at the start), or null for torch's default of one per core. "
+            "Use 1 when other work shares the machine."
         )
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # for the processes this one starts, e.g. trainer=ddp_spawn's
+    log.info("torch threads=%d%s", threads, why)
 
 
 def keep_freed_memory() -> bool:

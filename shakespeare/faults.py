@@ -3,7 +3,7 @@
 - Ctrl-C, SIGTERM and SLURM's requeue signal stop every process of a run after the same step, which is
   saved as last.ckpt; on SLURM the job then requeues itself and continues the same run folder.
 - A process that dies or stops answering (kill -9, SIGSTOP, a stuck collective) is named by the others
-  within `trainer.collective_timeout` seconds instead of torch's 30 minutes, and the run stops.
+  within `host.collective_timeout` seconds instead of torch's 30 minutes, and the run stops.
 - A checkpoint that cannot be written (a full disk) stops the run naming the folder and the error.
 """
 
@@ -239,7 +239,7 @@ class LostRankWatch(L.Callback):
     def __init__(self, collective_timeout: float = 1800):
         if isinstance(collective_timeout, bool) or not isinstance(collective_timeout, (int, float)) or not collective_timeout > 0:
             raise UsageError(
-                f"trainer.collective_timeout={collective_timeout!r} must be a number of seconds above 0: how long a "
+                f"host.collective_timeout={collective_timeout!r} must be a number of seconds above 0: how long a "
                 "process of a DDP run waits for the others before the run stops naming the lost one, e.g. 300."
             )
         self.collective_timeout = collective_timeout
@@ -272,7 +272,7 @@ class LostRankWatch(L.Callback):
         self.lost = lost
         self.speaker = rank == min(set(range(world_size)) - set(lost))
         self.error = "its connection closed" if "peer" in str(exception) or "Broken pipe" in str(exception) else (
-            f"no answer within trainer.collective_timeout={self.collective_timeout:g}s")
+            f"no answer within host.collective_timeout={self.collective_timeout:g}s")
 
 
 def find(trainer: L.Trainer, kind: type) -> Any:

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from shakespeare.callbacks import TOKENS_PER_SECOND
 from shakespeare.errors import UsageError
+from shakespeare.run_folder import unescaped
 from shakespeare.sweep import FAILURE
 from shakespeare.inspection import LOSS_BY_POSITION, plot_loss_by_position
 
@@ -220,7 +221,7 @@ def load_run(path: Path, root: Path) -> Run:
 
 def shown_overrides(hydra_dir: Path, rung: str) -> list[str]:
     """The command-line overrides that change results: not those the run's Hydra config keeps out of job names."""
-    overrides = [str(o) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
+    overrides = [unescaped(str(o)) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
     excluded: list[str] = []
     if (hydra_dir / "hydra.yaml").is_file():
         hydra = OmegaConf.load(hydra_dir / "hydra.yaml")

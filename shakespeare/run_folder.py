@@ -1,10 +1,43 @@
-"""Taking back what Hydra wrote for a run that was refused before it trained: nothing to list, nothing to resume."""
+"""Run folders: names that paste back into commands, the overrides as typed, and taking back what Hydra wrote
+for a run that was refused before it trained (nothing to list, nothing to resume)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import shutil
 from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")  # what a shell or Hydra's override grammar reads as syntax
+LONGEST = 200  # characters of a folder name; longer ones are cut and end in a hash of the whole
+
+
+def folder_name(text: str) -> str:
+    r"""`text` (a rung's name, a sweep job's overrides) as a folder name that pastes back into a command
+    unquoted, in any shell and in Hydra's overrides: Hydra's escapes and quotes, brackets and braces dropped,
+    any other run of characters but letters, digits and `. _ + -` made one `_` (`max_time-00\:00\:30` ->
+    `max_time-00_00_30`). TensorBoard names runs by these folders, and refuses a backslash in a name."""
+    name = UNSAFE.sub("_", re.sub(r"\\(.)", r"\1", text).translate(str.maketrans("", "", "'\"[]{}"))).strip("_")
+    if len(name) > LONGEST:
+        name = f"{name[:LONGEST - 9]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name or "run"
+
+
+def unescaped(override: str) -> str:
+    r"""An override as a user types it: Hydra writes the overrides of a sweep's jobs with `:` and other
+    characters escaped (`trainer.max_time=00\:00\:30`); without the escapes where they change nothing."""
+    plain = re.sub(r"\\(.)", r"\1", override)
+    if plain == override:
+        return override
+    parser = OverridesParser.create()
+    try:
+        same = parser.parse_override(plain).value() == parser.parse_override(override).value()
+    except Exception:  # not an override Hydra reads (e.g. a value with a comma once unescaped)
+        return override
+    return plain if same else override
 
 
 def close_file_logs(folder: Path) -> None:

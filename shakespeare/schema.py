@@ -90,10 +90,9 @@ def describe(kind: Any) -> str:
     """The plain values `kind` accepts, in words: `a whole number or null`."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (Union, types.UnionType):
-        choices = [arg for arg in args if typing.get_origin(arg) is Literal]
-        words = [describe(Literal[tuple(a for arg in choices for a in typing.get_args(arg))])] if choices else []
-        words += [describe(arg) for arg in args if configurable(arg) and arg not in choices]
-        return " or ".join(dict.fromkeys(words))
+        choices = [str(a) for arg in args if typing.get_origin(arg) is Literal for a in typing.get_args(arg)]
+        words = list(dict.fromkeys(choices + [describe(arg) for arg in args if configurable(arg) and typing.get_origin(arg) is not Literal]))
+        return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
     if origin is Literal:
         return "one of " + ", ".join(dict.fromkeys(str(arg) for arg in args))
     words = {bool: "true or false", int: "a whole number", float: "a number", str: "text", type(None): "null"}
@@ -170,7 +169,5 @@ def check_values(values: dict, table: Mapping[str, Any], builders: Mapping[str, 
             example = f", e.g. {key}={default}" if default is not None and conforms(default, kind) else ""
             quote = " (Hydra reads 8 as a number and true as a boolean: quote text, key='\"8\"')" if (
                 conforms("text", kind) and not isinstance(value, (str, list, dict))) else ""
-            raise UsageError(
-                f"{key}={value!r} is not a value {owner or 'this setting'} takes for it: it takes {describe(kind)}"
-                f"{example}.{quote}"
-            )
+            by = f" (a parameter of {owner})" if owner else ""
+            raise UsageError(f"{key}={value!r} is refused: {key}{by} takes {describe(kind)}{example}.{quote}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,31 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from shakespeare.errors import EXPLAINED
+from shakespeare.run_folder import unescaped
 
 log = logging.getLogger("shakespeare")
 
 FAILURE = "failure.txt"
+# the launchers' loggers, which list each job's overrides as Hydra writes them (`#0 : trainer.max_time=00\:00\:30`)
+LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher._core",
+                    "hydra_plugins.hydra_submitit_launcher.submitit_launcher")
+JOB_LINE = re.compile(r"^(\t#\d+ : )(.*)$", re.S)
+
+
+class TypedOverrides(logging.Filter):
+    """Shows the sweep log's job lines with each override as the user typed it, without Hydra's escapes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and not record.args and (line := JOB_LINE.match(record.msg)):
+            record.msg = line[1] + " ".join(unescaped(override) for override in line[2].split(" "))
+        return True
+
+
+def show_typed_overrides() -> None:
+    for name in LAUNCHER_LOGGERS:
+        launcher = logging.getLogger(name)
+        if not any(isinstance(f, TypedOverrides) for f in launcher.filters):
+            launcher.addFilter(TypedOverrides())
 
 
 def record_failure(err: BaseException) -> None:

@@ -33,19 +33,19 @@ from tests.conftest import ROOT, compose_train, write_corpus
         (["+model.head_size=4"], r"model.head_size is not a model setting \(the model takes activation, attention, "),
         (["trainer.max_epochs=0"], r"trainer.max_epochs=0 must be a whole number of at least 1"),
         (["trainer.max_steps=0"], r"trainer.max_steps=0 must be a whole number of at least 1 \(or -1: no limit"),
-        (["trainer.precision=13"], r"trainer.precision=13 is not a value lightning.pytorch.Trainer takes for it: it takes "
-                                   r"one of 64, 32, 16, .*bf16-mixed"),
-        (["data.batch_size=abc"], r"data.batch_size='abc' is not a value shakespeare.data.ShakespeareDataModule takes for "
-                                  r"it: it takes a whole number, e.g. data.batch_size=1024."),
-        (["model=multihead", "model.num_heads=4.5"], r"model.num_heads=4.5 is not a value .* takes a whole number"),
-        (["trainer.max_epochs=ten"], r"trainer.max_epochs='ten' is not a value .* it takes a whole number or null"),
+        (["trainer.precision=13"], r"trainer.precision=13 is refused: trainer.precision \(a parameter of lightning.pytorch.Trainer\) "
+                                   r"takes 64, 32, 16, .*bf16-mixed"),
+        (["data.batch_size=abc"], r"data.batch_size='abc' is refused: data.batch_size \(a parameter of "
+                                  r"shakespeare.data.ShakespeareDataModule\) takes a whole number, e.g. data.batch_size=1024."),
+        (["model=multihead", "model.num_heads=4.5"], r"model.num_heads=4.5 is refused: .* takes a whole number"),
+        (["trainer.max_epochs=ten"], r"trainer.max_epochs='ten' is refused: .* takes a whole number or null"),
         (["+trainer.max_epoch=3"], r"trainer.max_epoch is not a setting of lightning.pytorch.Trainer"),
-        (["trainer.accelerator=1"], r"trainer.accelerator=1 is not a value .* it takes text.*quote text"),
+        (["trainer.accelerator=1"], r"trainer.accelerator=1 is refused: .* takes text.*quote text"),
         (["seed=-5"], r"seed=-5 must lie in \[0, 2\*\*32\)"),
         (["trainer.log_every_n_steps=0"], r"trainer.log_every_n_steps=0 must be a whole number of at least 1"),
         (["trainer.check_val_every_n_epoch=0"], r"trainer.check_val_every_n_epoch=0 must be a whole number of at least 1"),
         (["trainer.val_check_interval=100"], r"trainer.val_check_interval=100 is more steps than an epoch has \(5 batches"),
-        (["trainer.threads=two"], r"trainer.threads='two' is not a value this setting takes for it: it takes a whole number or null"),
+        (["host.threads=two"], r"host.threads='two' is refused: host.threads takes auto, a whole number or null"),
         (["model=block_norm_dropout", "model.embedding_size=300000"], r"This run needs about .* GiB for one training step "
          r"\(.*\), but only .* is available in RAM. The model alone does not fit: lower model.embedding_size"),
         (["data.split=halves"], r"data.split='halves' is not a split; choose one of contiguous, random_windows"),

@@ -3,21 +3,25 @@ without page faults."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+from shakespeare import cpu
 from shakespeare.cli import fit
 from shakespeare.cpu import keep_freed_memory, set_threads
 from shakespeare.errors import UsageError
+from tests.conftest import compose_train
 
 
 def test_trainer_threads_reaches_torch(tiny_cfg):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        fit(tiny_cfg("trainer.threads=1", "trainer.limit_train_batches=1"))
+        fit(tiny_cfg("host.threads=1", "trainer.limit_train_batches=1"))
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -37,7 +41,7 @@ def test_training_flushes_denormal_floats_to_zero(tiny_cfg):
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, "two", True])
 def test_bad_thread_counts_are_named(value):
-    with pytest.raises(UsageError, match=r"trainer.threads="):
+    with pytest.raises(UsageError, match=r"host.threads="):
         set_threads(value)
 
 
@@ -62,3 +66,36 @@ def test_cpu_speedrun_validates_at_its_last_step(tiny_cfg):
     assert cfg.model.qk_norm and cfg.model.norm == "layer" and cfg.optimizer._target_ == "shakespeare.muon.MuonAdamW"
     assert cfg.model.fused_attention and cfg.model.attention_dropout is None and cfg.model.dropout == 0.0
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
+@pytest.mark.parametrize("busy, threads", [(0.1, 4), (1.2, 3), (3.6, 1), (9.0, 1)])
+def test_auto_threads_take_the_cores_other_work_leaves_free(busy, threads, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(cpu, "cores", lambda: 4)
+    monkeypatch.setattr(cpu, "TORCH_DEFAULT", 4)
+    monkeypatch.setattr(cpu, "busy_cores", lambda seconds=cpu.SAMPLE_SECONDS: busy)
+    try:
+        set_threads("auto")
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_busy_cores_sees_another_process_spinning():
+    if cpu.busy_cores(0.01) is None:
+        pytest.skip("no /proc/stat on this system")
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 5\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)  # the interpreter started
+        assert cpu.busy_cores(0.5) >= 0.6  # one core busy, measured from outside that process
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def test_cpu_speedrun_uses_every_core_other_work_leaves_free(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert compose_train(tmp_path, ["experiment=cpu_speedrun"]).host.threads == "auto"
+    assert compose_train(tmp_path).host.threads == 1  # the other rungs keep one thread, robust beside other work
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a launcher dividing the cores between parallel jobs decides
+    assert compose_train(tmp_path, ["experiment=cpu_speedrun"]).host.threads == 3

@@ -142,7 +142,7 @@ def test_a_one_process_checkpoint_is_refused_on_two(tmp_path):
 @pytest.mark.slow
 def test_a_stopped_rank_is_named_within_the_collective_timeout(tmp_path, corpus13):
     # SIGSTOP: the process neither dies nor answers; without a bound the other one waits 30 minutes
-    args = [f"data.path={corpus13}", *RUN, *DDP, "trainer.collective_timeout=5",
+    args = [f"data.path={corpus13}", *RUN, *DDP, "host.collective_timeout=5",
             *probe("fault", "SignalSelfAt", step=6, rank=1, signal="SIGSTOP")]
     proc = start_train(args, tmp_path)
     pid = int(re.search(r"\(pid (\d+)\)", wait_for(proc, "rank 1 sends itself SIGSTOP"))[1])
@@ -152,7 +152,7 @@ def test_a_stopped_rank_is_named_within_the_collective_timeout(tmp_path, corpus1
     assert proc.returncode == 1, out[-3000:]
     last = the_run(tmp_path) / "checkpoints" / LAST
     assert out.count("Lost rank 1 of 2: its process died or stopped answering (no answer within "
-                     "trainer.collective_timeout=5s), so the run stopped at step 6 ") == 1
+                     "host.collective_timeout=5s), so the run stopped at step 6 ") == 1
     assert f"{last} (step 4) is kept: only the steps after it are lost. Resume with: python train.py " in out
     assert "Traceback" not in out and waited < 5 + 30
     assert step_of(last) == 4

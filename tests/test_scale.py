@@ -43,7 +43,7 @@ def assert_complete(run: Path) -> None:
 
 @pytest.fixture(autouse=True)
 def one_thread_each(monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # trainer.threads: 1 unless a launcher divides the cores
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # host.threads: 1 unless a launcher divides the cores
 
 
 def test_the_best_validation_loss_is_returned_not_the_last(tiny_cfg, capsys):
@@ -55,9 +55,9 @@ def test_the_best_validation_loss_is_returned_not_the_last(tiny_cfg, capsys):
 
 
 def test_threads_follow_omp_num_threads_which_joblib_divides_between_jobs(tmp_path, monkeypatch):
-    assert compose_train(tmp_path).trainer.threads == 1
+    assert compose_train(tmp_path).host.threads == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert compose_train(tmp_path).trainer.threads == 3
+    assert compose_train(tmp_path).host.threads == 3
 
 
 def test_ddp_in_a_sweep_is_refused_with_the_fix(tiny_cfg):
