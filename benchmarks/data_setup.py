@@ -218,7 +218,7 @@ def target_throughput(args, tmp: Path, corpus: Path, baseline: Path | None) -> N
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from shakespeare.cli import CONFIG_DIR
+    from shakespeare.composition import CONFIG_DIR
     from shakespeare.data import ShakespeareDataModule
     from shakespeare.module import ShakespeareModule
 

@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shakespeare.cli import CONFIG_DIR, fit  # noqa: E402
+from shakespeare.cli import fit
+from shakespeare.composition import CONFIG_DIR  # noqa: E402
 from shakespeare.cpu import keep_freed_memory  # noqa: E402
 from shakespeare.module import ShakespeareModule  # noqa: E402
 

@@ -30,6 +30,7 @@ from shakespeare.inspection import (
     token_label,
 )
 from shakespeare.sampling import check_options, sample
+from shakespeare.tokenizer import printable
 
 log = logging.getLogger("shakespeare")
 
@@ -265,7 +266,7 @@ class ResearchLog(EpochLine):
 def generate_sample(module: L.LightningModule, length: int) -> str:
     """A seeded sample from the empty prompt, as the log printed after training."""
     generator = torch.Generator(module.device).manual_seed(0)
-    return sample(module.model, module.tokenizer, "", max_new_tokens=length, generator=generator)[0]
+    return printable(sample(module.model, module.tokenizer, "", max_new_tokens=length, generator=generator)[0])
 
 
 class HParamsMetric(L.Callback):
@@ -307,7 +308,7 @@ class GenerationSample(L.Callback):
     def sample(self, module: L.LightningModule) -> str:
         generator = torch.Generator(device=module.device).manual_seed(self.seed)
         options = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_k": self.top_k}
-        return sample(module.model, module.tokenizer, "", generator=generator, **options)[0]
+        return printable(sample(module.model, module.tokenizer, "", generator=generator, **options)[0])
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:

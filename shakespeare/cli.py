@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from shakespeare.callbacks import BEST_VAL_LOSS
 from shakespeare.checkpoints import AtomicCheckpointIO, check_resumable, find_run, read_checkpoint, resume_checkpoint
-from shakespeare.config import CONFIG_DIR, check_config, check_with_data, rung_help
+from shakespeare.composition import CONFIG_DIR, explained_composition
+from shakespeare.config import check_config, check_with_data, rung_help
 from shakespeare.cpu import flush_denormals, keep_freed_memory, set_threads
 from shakespeare.errors import EXPLAINED, Interrupted, UsageError, speaks
 from shakespeare.faults import explained
@@ -190,8 +191,14 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def train() -> None:
+    """`python train.py`: a config Hydra cannot compose is one paragraph and exit 2; then `run`."""
+    with explained_composition("train", "train.py"):
+        run()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def train(cfg: DictConfig) -> float | None:
+def run(cfg: DictConfig) -> float | None:
     """`python train.py`: returns the best epoch validation loss, the value Hydra's sweepers minimise."""
     try:
         metrics = fit(cfg)

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from shakespeare.composition import CONFIG_DIR, nearest
 from shakespeare.data import ShakespeareDataModule
 from shakespeare.errors import UsageError
 from shakespeare.memory import check_memory
@@ -33,8 +34,6 @@ from shakespeare.module import warmup_cosine
 from shakespeare.run_folder import unescaped
 from shakespeare.schema import check_types
 
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def run_overrides() -> list[str]:
@@ -66,9 +65,10 @@ def check_config(cfg: DictConfig) -> None:
     """Raise UsageError for the first bad value in `cfg`."""
     known = {f.name for f in fields(GeneratorConfig)} - {"vocab_size"}
     if unknown := sorted(set(cfg.model) - known):
+        guess = nearest(unknown[0], sorted(known))
         raise UsageError(
-            f"model.{unknown[0]} is not a model setting (the model takes {', '.join(sorted(known))}). "
-            f"Remove +model.{unknown[0]} or fix its spelling."
+            f"model.{unknown[0]} is not a model setting{f' (did you mean model.{guess}?)' if guess else ''}: the model "
+            f"takes {', '.join(sorted(known))}. Remove +model.{unknown[0]} or fix its spelling."
         )
     check_types(cfg, TYPES, BUILDERS)
     check_rung_settings(cfg.model, run_overrides())

@@ -14,14 +14,15 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from shakespeare.composition import CONFIG_DIR, explained_composition
 from shakespeare.loading import load_generator
 from shakespeare.errors import UsageError
 from shakespeare.sampling import check_options, stream
 from shakespeare.schema import check_types
+from shakespeare.tokenizer import printable
 
 log = logging.getLogger("shakespeare")
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
 def check_device(name: str) -> torch.device:
@@ -45,6 +46,7 @@ SETTINGS = {
     "context": Literal["auto", "crop", "slide"],
     "device": str,
     "threads": int | None,
+    "raw": bool,
 }
 
 
@@ -70,11 +72,12 @@ def write_samples(cfg: DictConfig, out: TextIO = sys.stdout) -> list[str]:
     prompt = "" if cfg.prompt is None else str(cfg.prompt).replace("\\n", "\n")  # a typed \n is a line break
     steps = stream(model, tokenizer, prompt, generator=generator, on_unknown=cfg.on_unknown, **options)
     prompt = "".join(ch for ch in prompt if ch not in tokenizer.unknown(prompt))  # as the model read it
+    shown = (lambda text: text) if cfg.raw else printable  # raw=true: control characters too, e.g. for a file
     texts: list[list[str]] = [[] for _ in range(cfg.num_samples)]
     if cfg.num_samples == 1:  # one sample streams character by character
-        out.write(prompt)
+        out.write(shown(prompt))
         for (ch,) in steps:
-            out.write(ch)
+            out.write(shown(ch))
             out.flush()
             texts[0].append(ch)
         out.write("\n")
@@ -83,13 +86,19 @@ def write_samples(cfg: DictConfig, out: TextIO = sys.stdout) -> list[str]:
             for text, ch in zip(texts, chars):
                 text.append(ch)
         for i, text in enumerate(texts, 1):
-            out.write(f"---------- Sample {i}/{cfg.num_samples}:\n{prompt}{''.join(text)}\n")
+            out.write(f"---------- Sample {i}/{cfg.num_samples}:\n{shown(prompt + ''.join(text))}\n")
     out.flush()
     return ["".join(text) for text in texts]
 
 
+def generate() -> None:
+    """`python generate.py`: a config Hydra cannot compose is one paragraph and exit 2; then `run`."""
+    with explained_composition("generate", "generate.py"):
+        run()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
-def generate(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
     """`python generate.py ckpt_path=... prompt=...`: stream a trained model's text to the terminal."""
     try:
         write_samples(cfg)

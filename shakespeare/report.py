@@ -20,6 +20,7 @@ from shakespeare.errors import UsageError
 from shakespeare.run_folder import unescaped
 from shakespeare.sweep import FAILURE
 from shakespeare.inspection import LOSS_BY_POSITION, plot_loss_by_position
+from shakespeare.tokenizer import printable
 
 LADDER = ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout", "scale_up",
           "rmsnorm", "rope", "relu2", "qk_norm", "muon"]
@@ -369,7 +370,7 @@ def samples_section(runs: list[Run], prompt: str = "", seed: int = 0, length: in
             text += "No checkpoint to sample from.\n"
             continue
         try:
-            written = prompt + sample_run(run, prompt, seed, length)
+            written = printable(prompt + sample_run(run, prompt, seed, length))
         except UsageError as err:
             text += f"No sample: {err}\n"
             continue

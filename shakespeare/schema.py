@@ -20,6 +20,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from shakespeare.composition import nearest
 from shakespeare.errors import UsageError
 
 # what a YAML value can be; other classes in a signature (Tensor, Accelerator, timedelta) are for Python callers
@@ -157,13 +158,17 @@ def check_values(values: dict, table: Mapping[str, Any], builders: Mapping[str, 
     that nothing takes: typed by `table` (key -> type) first, then by the parameters of what builds its node
     (its `_target_`, or `builders`: node -> class or function)."""
     # the table's keys first: a bad paths.cache_dir is named as such, not as data.cache_dir that interpolates it
-    for key, value, kind, owner, default in sorted(leaves(values, "", table, builders), key=lambda leaf: leaf[0] not in table):
+    found = sorted(leaves(values, "", table, builders), key=lambda leaf: leaf[0] not in table)
+    for key, value, kind, owner, default in found:
         if key in table:
             kind, owner, default = table[key], "", None
         if kind is None or kind is NOT_TAKEN:
+            siblings = [other for other, *_ in found if other.rpartition(".")[0] == key.rpartition(".")[0] and other != key]
+            guess = nearest(key, siblings)
             raise UsageError(
-                f"{key} is not a setting of {owner or 'this project'}. Fix its spelling, or remove it (a key that "
-                f"is not in the config can only have been added with +{key}=...)."
+                f"{key} is not a setting of {owner or 'this project'}.{f' Did you mean {guess}?' if guess else ''} "
+                f"Fix its spelling, or remove it (a key that is not in the config can only have been added with "
+                f"+{key}=...)."
             )
         if not conforms(value, kind):
             example = f", e.g. {key}={default}" if default is not None and conforms(default, kind) else ""

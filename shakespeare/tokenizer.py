@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import re
 from collections.abc import Callable
 
 import torch
@@ -10,6 +11,14 @@ import torch
 PAD = "<|pad|>"
 UNITS = ("char", "byte")
 BYTE_VOCABULARY = [PAD, *(f"<0x{b:02X}>" for b in range(256))]  # id = byte value + 1
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 control characters but tab and newline
+
+
+def printable(text: str) -> str:
+    """`text` as a terminal or a log may show it: control characters other than newline and tab (ESC, which
+    starts terminal commands; SO, which switches the character set; NUL, BEL, C1) written as escapes (`\\x1b`).
+    A byte-level model writes them; a terminal would obey them."""
+    return CONTROL.sub(lambda match: match[0].encode("unicode_escape").decode("ascii"), text)
 
 
 class CharTokenizer:

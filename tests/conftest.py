@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from shakespeare.cli import CONFIG_DIR
+from shakespeare.composition import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,18 +4,21 @@ naming the key, the value and the fix."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException, OverrideParseException
 
 from shakespeare.cli import fit
+from shakespeare.composition import explain
 from shakespeare.config import check_config
 from shakespeare.errors import UsageError
 from shakespeare.run_folder import discard_refused_run
 from tests.conftest import ROOT, compose_train, write_corpus
+from tests.test_train import run_train
 
 
 @pytest.mark.parametrize(
@@ -30,7 +33,9 @@ from tests.conftest import ROOT, compose_train, write_corpus
         (["+optimizer.betas=[1.5,0.9]"], r"The optimizer \(torch.optim.Adam\) refuses its settings: .*beta"),
         (["data.batch_size=0"], r"data.batch_size=0 must be a whole number of at least 1"),
         (["data.sequence_length=3000"], r"data.sequence_length=3000 is too long for .*validation split holds 2000"),
-        (["+model.head_size=4"], r"model.head_size is not a model setting \(the model takes activation, attention, "),
+        (["+model.head_size=4"], r"model.head_size is not a model setting.*: the model takes activation, attention, "),
+        (["+model.num_head=8"], r"model.num_head is not a model setting \(did you mean model.num_heads\?\)"),
+        (["+data.batchsize=8"], r"data.batchsize is not a setting of .*DataModule. Did you mean data.batch_size\?"),
         (["trainer.max_epochs=0"], r"trainer.max_epochs=0 must be a whole number of at least 1"),
         (["trainer.max_steps=0"], r"trainer.max_steps=0 must be a whole number of at least 1 \(or -1: no limit"),
         (["trainer.precision=13"], r"trainer.precision=13 is refused: trainer.precision \(a parameter of lightning.pytorch.Trainer\) "
@@ -62,14 +67,28 @@ def test_bad_config_values_are_named_before_training(overrides, message, tiny_cf
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()  # nothing started
 
 
-def test_unknown_rung_lists_the_available_ones(tmp_path):
-    with pytest.raises(MissingConfigException, match=r"(?s)Could not find 'model/transformer'.*bigram.*block_norm_dropout"):
-        compose_train(tmp_path, ["model=transformer"])
+@pytest.mark.parametrize("override, message", [
+    ("model=transformer", r"^model=transformer is not an option of model: choose one of bigram, .*, rope\.$"),
+    ("model=multihed", r"^model=multihed is not an option of model: .* Did you mean model=multihead\?$"),
+    ("model.num_head=8", r"^model.num_head is not a setting of train.py. Did you mean model.num_heads\? .*--cfg job"),
+    ("modle=bigram", r"^modle is not a setting of train.py. Did you mean model\?"),
+    ("trainer.threads=2", r"^trainer.threads is now host.threads: write host.threads=... instead"),
+    ("callbacks=early_stopping", r"^callbacks=early_stopping is not an option of callbacks: choose one of default."),
+    ("seed=1=2", r"^'seed=1=2' is not an override train.py can read \(mismatched input '='"),
+])
+def test_what_hydra_cannot_compose_is_one_paragraph_with_the_fix(override, message, tmp_path):
+    with pytest.raises((ConfigCompositionException, OverrideParseException)) as err:
+        compose_train(tmp_path, [override])
+    assert re.search(message, explain(err.value, "train", "train.py")), explain(err.value, "train", "train.py")
 
 
-def test_unknown_key_is_named(tmp_path):
-    with pytest.raises(ConfigCompositionException, match=r"Could not override 'model.num_head'"):
-        compose_train(tmp_path, ["model.num_head=4"])
+@pytest.mark.slow
+def test_a_misspelt_key_exits_2_with_the_nearest_key(tmp_path):
+    result = run_train(["model.num_head=8"], tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("Error: model.num_head is not a setting of train.py. Did you mean model.num_heads? "
+                             "`python train.py --cfg job` lists every key (+model.num_head=... would add it as a new key "
+                             "that nothing reads).\n")
 
 
 def train_once(tiny_cfg, *overrides: str) -> Path:
@@ -191,3 +210,19 @@ def test_a_refused_run_says_why_in_one_paragraph_and_leaves_no_folder(overrides,
     [line] = [line for line in out.splitlines() if "[ERROR]" in line]
     assert message in line and "Traceback" not in out
     assert list(tmp_path.iterdir()) == [corpus]  # no run folder for the report to list or ckpt_path=last to step over
+
+
+def group_options() -> list[tuple[str, str]]:
+    """Every (group, option) `python train.py --help` offers, but Hydra's own."""
+    conf = ROOT / "conf"
+    return [(str(path.parent.relative_to(conf)), path.stem) for path in sorted(conf.glob("*/*.yaml"))
+            if path.parent.name != "hydra"]
+
+
+@pytest.mark.parametrize("group, option", group_options())
+def test_every_option_a_group_offers_composes_a_whole_run(group, option, tmp_path):
+    """An option is a whole (a rung, a trainer), never a part that would replace the rest of its group: with any
+    one of them the run still has every callback that prints its lines and keeps its checkpoints."""
+    cfg = compose_train(tmp_path, [f"{group}={option}"])
+    assert {"model_checkpoint", "last_checkpoint", "epoch_line", "research_log", "progress_bar"} <= set(cfg.callbacks)
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer" and cfg.model.name and cfg.optimizer._target_

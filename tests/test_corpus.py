@@ -24,7 +24,7 @@ from shakespeare.token_cache import load_tokens
 from shakespeare.tokenizer import CharTokenizer
 from omegaconf import DictConfig, OmegaConf
 
-from shakespeare.cli import CONFIG_DIR
+from shakespeare.composition import CONFIG_DIR
 from tests.conftest import compose_train
 
 TEXT8_LIKE = " ".join("anarchism originated as a term of abuse first used against early working class".split() * 40).encode()

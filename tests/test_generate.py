@@ -20,7 +20,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from shakespeare.callbacks import GenerationSample
 from shakespeare.loading import load_generator
 from shakespeare.cli import fit
-from shakespeare.generation import CONFIG_DIR, write_samples
+from shakespeare.composition import CONFIG_DIR
+from shakespeare.generation import write_samples
 from shakespeare.errors import UsageError
 from shakespeare.tokenizer import PAD
 from tests.conftest import ROOT, compose_train, write_corpus
@@ -174,3 +175,47 @@ def test_generate_cli_end_to_end(run, tmp_path):
     result = run_generate([f"ckpt_path={run.best}", "temperature=-1"], tmp_path)
     assert result.returncode == 2 and "\ntemperature=-1 must be greater than 0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def control_character_writer(path: Path) -> Path:
+    """A byte-level bigram whose every step writes a control byte (ESC, SO, NUL, BEL, DEL), newline, tab or the
+    first byte of U+009B (C1), which it always completes: a checkpoint as train.py writes one."""
+    from shakespeare.model import GeneratorConfig, ShakespeareGenerator
+    from shakespeare.tokenizer import BYTE_VOCABULARY
+
+    model = ShakespeareGenerator(GeneratorConfig(vocab_size=len(BYTE_VOCABULARY), sequence_length=8))
+    with torch.no_grad():
+        logits = torch.full((257, 257), -30.0)
+        logits[:, [1 + b for b in (0x00, 0x07, 0x0E, 0x1B, 0x7F, 0x0A, 0x09, 0xC2)]] = 0.0
+        logits[1 + 0xC2] = -30.0
+        logits[1 + 0xC2, 1 + 0x9B] = 0.0  # U+009B in UTF-8: C2 9B
+        model.embedding.weight.copy_(logits)
+    hparams = {"vocabulary": BYTE_VOCABULARY, "model": {"sequence_length": 8, "name": "bigram"}}
+    state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
+    torch.save({"hyper_parameters": hparams, "state_dict": state}, path)
+    return path
+
+
+def controls(text: str) -> set[str]:
+    return {ch for ch in text if (ord(ch) < 32 and ch not in "\n\t") or 0x7F <= ord(ch) <= 0x9F}
+
+
+def test_a_byte_models_control_characters_are_escaped_on_the_terminal_and_kept_on_request(tmp_path):
+    checkpoint = control_character_writer(tmp_path / "controls.ckpt")
+    shown = io.StringIO()
+    write_samples(compose_generate(f"ckpt_path={checkpoint}", "max_new_tokens=300"), out=shown)
+    assert not controls(shown.getvalue()) and "\\x1b" in shown.getvalue() and "\\x9b" in shown.getvalue()
+    raw = io.StringIO()
+    write_samples(compose_generate(f"ckpt_path={checkpoint}", "max_new_tokens=300", "raw=true"), out=raw)
+    assert controls(raw.getvalue()) >= {"\x1b", "\x0e", "\x00", "\x07", "\x7f", "\x9b"}  # exactly as sampled
+    samples = io.StringIO()
+    write_samples(compose_generate(f"ckpt_path={checkpoint}", "max_new_tokens=50", "num_samples=2"), out=samples)
+    assert not controls(samples.getvalue())
+
+
+def test_the_sample_at_the_end_of_training_escapes_control_characters(tmp_path, capsys):
+    model, tokenizer = load_generator(control_character_writer(tmp_path / "controls.ckpt"))
+    module = SimpleNamespace(model=model, tokenizer=tokenizer, device=torch.device("cpu"))
+    GenerationSample(max_new_tokens=300).on_train_end(SimpleNamespace(progress_bar_callback=None), module)
+    out = capsys.readouterr().out
+    assert "Predict from empty input" in out and not controls(out) and "\\x1b" in out

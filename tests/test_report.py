@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from shakespeare.cli import CONFIG_DIR, fit
+from shakespeare.cli import fit
+from shakespeare.composition import CONFIG_DIR
 from shakespeare.report import load_runs, main, samples_section, write_figures
 from tests.conftest import ROOT, compose_train, write_corpus
 from tests.test_train import RUNGS

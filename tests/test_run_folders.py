@@ -14,7 +14,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from shakespeare.cli import fit
-from shakespeare.generation import CONFIG_DIR, write_samples
+from shakespeare.composition import CONFIG_DIR
+from shakespeare.generation import write_samples
 from shakespeare.report import load_runs, markdown_table
 from shakespeare.run_folder import folder_name, unescaped
 from tests.conftest import ROOT, compose_train

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from shakespeare.config import BUILDERS, TYPES, rungs
 from shakespeare.errors import UsageError
-from shakespeare.generation import CONFIG_DIR, SETTINGS
+from shakespeare.composition import CONFIG_DIR
+from shakespeare.generation import SETTINGS
 from shakespeare.memory import check_memory, step_memory
 from shakespeare.model import GeneratorConfig
 from shakespeare.schema import check_values

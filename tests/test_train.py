@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from shakespeare.cli import check_accelerator, fit
-from shakespeare.generation import CONFIG_DIR
+from shakespeare.composition import CONFIG_DIR
 from shakespeare.errors import UsageError
 from tests.conftest import ROOT, compose_train, write_corpus
 
