@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from shakespeare.config import run_overrides, time_budget
 from shakespeare.errors import Fault, UsageError
-from shakespeare.run_folder import unescaped
+from shakespeare.run_folder import newest_run, unescaped
 
 LAST = "last.ckpt"
 PREVIOUS = "last.prev.ckpt"  # the last.ckpt before the current one, kept in case the current one rots
@@ -105,13 +105,13 @@ def find_run(ckpt_path: str | None, log_dir: str) -> Path | None:
     if ckpt_path is None or ckpt_path == AUTO:
         return None
     if ckpt_path == "last":
-        runs = [p.parent.parent for p in Path(log_dir).expanduser().glob(f"*/*/checkpoints/{LAST}")]
-        if not runs:
+        run = newest_run(log_dir, LAST)
+        if run is None:
             raise UsageError(
                 f"ckpt_path=last found no run to resume: no {Path(log_dir) / '<date>/<time>_<rung>/checkpoints'}/"
                 f"{LAST}. Pass the run folder or checkpoint instead, e.g. ckpt_path=outputs/<date>/<time>_<rung>."
             )
-        return max(runs, key=lambda run: (run / "checkpoints" / LAST).stat().st_mtime)
+        return run
     path = Path(ckpt_path).expanduser()
     if path.is_dir():
         if not (path / "checkpoints" / LAST).is_file():

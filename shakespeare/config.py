@@ -161,7 +161,8 @@ def check_with_data(cfg: DictConfig, datamodule: ShakespeareDataModule) -> None:
     model = GeneratorConfig(vocab_size=len(datamodule.tokenizer.vocabulary), **settings)
     batch_size = min(cfg.data.batch_size, len(datamodule.train_windows))  # a text shorter than a batch: one batch
     devices, accelerator = cfg.trainer.devices, cfg.trainer.accelerator
-    check_memory(model, batch_size, devices if accelerator == "cpu" and isinstance(devices, int) else 1, accelerator)
+    processes = devices if accelerator == "cpu" and isinstance(devices, int) else 1
+    check_memory(model, batch_size, processes, accelerator, asked=cfg.data.batch_size)
     interval, limit = cfg.trainer.get("val_check_interval"), cfg.trainer.get("limit_train_batches")
     batches = math.ceil(len(datamodule.train_windows) / batch_size)
     batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit) if isinstance(limit, float) else batches

@@ -58,32 +58,45 @@ def fetch_corpus(url: str, sha256: str, cache_dir: str | Path, file: str | None 
     name = urllib.parse.urlparse(url).path.rsplit("/", 1)[-1]
     cache = Path(cache_dir).expanduser()
     text = cache / (file or name)
-    with cache_lock(text):
-        found = sha256_of(text) if text.is_file() else None
-        if found == sha256:
-            return text
-        stale = f" (the copy there has SHA-256 {found}, not {sha256})" if found else ""
-        try:
+    lock = cache_lock(text)
+    try:
+        with lock:
+            found = sha256_of(text) if text.is_file() else None
+            if found == sha256:
+                return text
             if archive_sha256:
                 archive = cache / name
-                if not (archive.is_file() and sha256_of(archive) == archive_sha256):
-                    download(url, archive, archive_sha256, "data.archive_sha256")
+                found_archive = sha256_of(archive) if archive.is_file() else None
+                if found_archive != archive_sha256:
+                    try:
+                        download(url, archive, archive_sha256, "data.archive_sha256", found_archive)
+                    except UsageError as err:
+                        stale = f" The copy of {text.name} there has SHA-256 {found}, not {sha256}." if found else ""
+                        raise UsageError(f"{err}{stale}") from None
                 unpack(archive, text.name, text, sha256)
             else:
-                download(url, text, sha256)
-        except UsageError as err:
-            raise UsageError(f"{err}{stale}") from None
+                download(url, text, sha256, "data.sha256", found)
+    except UsageError:
+        Path(lock.lock_file).unlink(missing_ok=True)  # a failed fetch leaves nothing behind, its lock neither
+        raise
     return text
 
 
-def download(url: str, dest: Path, sha256: str, key: str = "data.sha256") -> None:
+def download(url: str, dest: Path, sha256: str, key: str = "data.sha256", found: str | None = None) -> None:
     """Fetch `url` into `dest` if its SHA-256 is `sha256`, with a progress bar on a terminal; nothing is
-    kept otherwise. Written as `dest.part` and renamed: the cache never holds a half-written file."""
+    kept otherwise. Written as `dest.part` and renamed: the cache never holds a half-written file. `found`:
+    the SHA-256 of a file already at `dest` that does not match (it is replaced only by a verified download)."""
     partial = dest.with_name(dest.name + ".part")
     offline = (
         f"If you are offline, put a verified copy at {dest} (the folder is $SHAKESPEARE_CACHE, by default "
         f"~/.cache/shakespeare), or train on a local copy with data.path=/path/to/{dest.name}."
     )
+    if found:
+        offline = (
+            f"The file already at {dest} does not match: its SHA-256 is {found}, the published one {sha256} ({key}), "
+            "so it is another version or a damaged copy and was not used. If you are offline, replace it with a "
+            f"verified copy, or train on a local copy with data.path=/path/to/{dest.name}."
+        )
     received = 0
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:

@@ -36,6 +36,7 @@ def check_device(name: str) -> torch.device:
 # conf/generate.yaml's keys and their types, checked before anything is read
 SETTINGS = {
     "ckpt_path": str | None,
+    "log_dir": str,
     "prompt": str | int | float | None,  # prompt=1234 reaches us as a number; it is written as text
     "max_new_tokens": int,
     "temperature": float,
@@ -58,7 +59,7 @@ def write_samples(cfg: DictConfig, out: TextIO = sys.stdout) -> list[str]:
     if not cfg.ckpt_path:
         raise UsageError(
             "ckpt_path is not set. Pass the checkpoint to write with, e.g. "
-            "ckpt_path=outputs/<date>/<time>_<rung>/checkpoints/best.ckpt, or a run folder."
+            "ckpt_path=outputs/<date>/<time>_<rung>/checkpoints/best.ckpt, a run folder, or last (the newest run)."
         )
     threads = cfg.threads
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -66,7 +67,7 @@ def write_samples(cfg: DictConfig, out: TextIO = sys.stdout) -> list[str]:
     if threads is not None:
         torch.set_num_threads(threads)
     device = check_device(cfg.device)
-    model, tokenizer = load_generator(cfg.ckpt_path, map_location=device)
+    model, tokenizer = load_generator(cfg.ckpt_path, map_location=device, log_dir=cfg.log_dir)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed) if cfg.seed is not None else generator.seed()
     prompt = "" if cfg.prompt is None else str(cfg.prompt).replace("\\n", "\n")  # a typed \n is a line break

@@ -14,6 +14,7 @@ import torch
 
 from shakespeare.errors import UsageError
 from shakespeare.model import GeneratorConfig, ShakespeareGenerator
+from shakespeare.run_folder import newest_run
 from shakespeare.tokenizer import Tokenizer, tokenizer_for
 
 BEST = Path("checkpoints") / "best.ckpt"
@@ -21,8 +22,17 @@ EXAMPLE = "outputs/<date>/<time>_<rung>/checkpoints/best.ckpt"
 PREFIX = "model."  # ShakespeareModule keeps the generator as `self.model`
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file as given, or a run folder's `checkpoints/best.ckpt`."""
+def resolve_checkpoint(path: str | Path, log_dir: str | Path = "outputs") -> Path:
+    """A checkpoint file as given, a run folder's `checkpoints/best.ckpt`, or for `last` the best.ckpt of the
+    newest run under `log_dir`."""
+    if str(path) == "last":
+        run = newest_run(log_dir, BEST.name)
+        if run is None:
+            raise UsageError(
+                f"ckpt_path=last found no run to write with: no {Path(log_dir) / '<date>/<time>_<rung>'}/{BEST}. "
+                f"Train one first (python train.py), or pass a run folder or a checkpoint such as {EXAMPLE}."
+            )
+        return run / BEST
     path = Path(path).expanduser()
     if path.is_dir():
         if (path / BEST).is_file():
@@ -62,10 +72,10 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 
 def load_generator(
-    path: str | Path, map_location: str | torch.device = "cpu"
+    path: str | Path, map_location: str | torch.device = "cpu", log_dir: str | Path = "outputs"
 ) -> tuple[ShakespeareGenerator, Tokenizer]:
-    """The trained model (in eval mode) and tokenizer of a checkpoint or run folder."""
-    path = resolve_checkpoint(path)
+    """The trained model (in eval mode) and tokenizer of a checkpoint, a run folder, or `last` (the newest run)."""
+    path = resolve_checkpoint(path, log_dir)
     checkpoint = read_checkpoint(path, map_location)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or not {"vocabulary", "model"} <= hparams.keys() or "state_dict" not in checkpoint:

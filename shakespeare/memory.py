@@ -86,9 +86,11 @@ def available_memory(accelerator: str) -> tuple[int, str] | None:
     return (min(free), "available in RAM") if free else None
 
 
-def check_memory(model: GeneratorConfig, batch_size: int, processes: int = 1, accelerator: str = "cpu") -> StepMemory:
+def check_memory(model: GeneratorConfig, batch_size: int, processes: int = 1, accelerator: str = "cpu",
+                 asked: int | None = None) -> StepMemory:
     """Refuse a run whose training step cannot fit in the memory free for it, naming the estimate and the
-    largest data.batch_size that fits. `processes`: how many such steps share the memory (DDP on one CPU)."""
+    largest data.batch_size that fits. `processes`: how many such steps share the memory (DDP on one CPU);
+    `asked`: the data.batch_size the user set, when the text holds fewer windows (a batch is then all of them)."""
     need = step_memory(model, batch_size)
     free = available_memory(accelerator)
     if free is None or need.total * processes <= free[0]:
@@ -102,8 +104,10 @@ def check_memory(model: GeneratorConfig, batch_size: int, processes: int = 1, ac
     fix = (f"Lower data.batch_size to at most {fits:,} (memory grows with it), or data.sequence_length, "
            "model.embedding_size or model.num_blocks." if fits >= 1 else
            "The model alone does not fit: lower model.embedding_size, model.num_blocks or model.feed_forward_size.")
+    batch = f"data.batch_size={batch_size:,}" if asked in (None, batch_size) else (
+        f"data.batch_size={asked:,}: a batch of all {batch_size:,} training windows the text has")
     raise UsageError(
-        f"This run needs about {size(need.total)} for one training step{share} (data.batch_size={batch_size:,}, "
+        f"This run needs about {size(need.total)} for one training step{share} ({batch}, "
         f"data.sequence_length={model.sequence_length}, model={model.name}: {parts}), but only {size(room)} "
         f"is {where}. {fix}"
     )

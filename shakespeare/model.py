@@ -84,11 +84,16 @@ class GeneratorConfig:
         for key, choices in (("norm", NORMS), ("position", POSITIONS), ("activation", ACTIVATIONS)):
             if getattr(self, key) not in choices:
                 raise UsageError(f"model.{key}={getattr(self, key)!r} is not one of {', '.join(choices)}.")
-        if self.position == "rope" and not (self.residual and self.fused_attention):
+        if self.position == "rope" and not self.residual:
             raise UsageError(
                 "model.position=rope rotates the queries and keys of fused attention inside residual blocks: it "
-                f"needs model.residual=true and model.fused_attention=true (got {self.residual} and "
-                f"{self.fused_attention}). Start from a rung with blocks, e.g. model=rope."
+                "needs model.residual=true (got false). Start from a rung with blocks, e.g. model=rope."
+            )
+        if self.position == "rope" and not self.fused_attention:
+            raise UsageError(
+                "model.position=rope rotates the queries and keys of fused attention (all heads in one q/k/v "
+                "Linear), so it needs model.fused_attention=true (got false). Drop model.fused_attention=false, "
+                "or pick a rung before rope (e.g. model=rmsnorm) for per-head attention modules."
             )
         if self.qk_norm and self.position != "rope":
             raise UsageError(

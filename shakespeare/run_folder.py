@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+RUNS = ("*/*/checkpoints", "multiruns/*/*/*/checkpoints")  # outputs/<date>/<time>_<rung>, and a sweep's jobs
 UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")  # what a shell or Hydra's override grammar reads as syntax
 LONGEST = 200  # characters of a folder name; longer ones are cut and end in a hash of the whole
 
@@ -24,6 +25,14 @@ def folder_name(text: str) -> str:
     if len(name) > LONGEST:
         name = f"{name[:LONGEST - 9]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     return name or "run"
+
+
+def newest_run(log_dir: str | Path, checkpoint: str) -> Path | None:
+    """The run folder under `log_dir` (a run, or a sweep's job) whose `checkpoints/<checkpoint>` was written
+    last: what `ckpt_path=last` means to train.py (last.ckpt, to resume) and generate.py (best.ckpt)."""
+    folder = Path(log_dir).expanduser()
+    found = [path for pattern in RUNS for path in folder.glob(f"{pattern}/{checkpoint}")]
+    return max(found, key=lambda path: path.stat().st_mtime).parent.parent if found else None
 
 
 def unescaped(override: str) -> str:

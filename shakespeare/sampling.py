@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -266,10 +267,10 @@ def check_options(
         )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise UsageError(f"max_new_tokens={max_new_tokens!r} must be a whole number of at least 0, e.g. 500.")
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
         raise UsageError(
-            f"temperature={temperature!r} must be greater than 0: 1.0 samples the model as trained, lower is "
-            "more conservative (e.g. 0.8), higher more adventurous."
+            f"temperature={temperature!r} must be a number of at least 0: 1.0 samples the model as trained, lower is "
+            "more conservative (e.g. 0.8), higher more adventurous, and 0 always picks the likeliest character."
         )
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise UsageError(
@@ -347,6 +348,11 @@ def _steps(
         for n in range(P, P + max_new_tokens):
             logits = read(ids[:, :n])  # (B, V)
             logits[:, tokenizer.pad_id] = float("-inf")
+            if temperature == 0:  # greedy: the likeliest character, no draw
+                next_ids = logits.argmax(dim=-1, keepdim=True)
+                ids[:, n : n + 1] = next_ids
+                yield [decode(i) for decode, i in zip(decoders, next_ids.view(-1).tolist())]
+                continue
             if temperature != 1.0:
                 logits /= temperature
             if top_k is not None:

@@ -139,9 +139,14 @@ def test_offline_a_copy_in_the_cache_is_used_and_a_wrong_one_named(tmp_path):
     unreachable = "http://127.0.0.1:9/text8.zip"
     assert fetch_corpus(unreachable, sha256(TEXT8_LIKE), cache, "text8", "0" * 64) == cache / "text8"
     (cache / "text8").write_bytes(b"something else")
-    with pytest.raises(UsageError, match=r"Could not download .*put a verified copy at .*text8.*the copy there has SHA-256"):
+    with pytest.raises(UsageError, match=r"Could not download .*put a verified copy at .*text8.*The copy of text8 there has SHA-256"):
         fetch_corpus(unreachable, sha256(TEXT8_LIKE), cache, "text8", "0" * 64)
     assert (cache / "text8").read_bytes() == b"something else"  # the user's file is never deleted
+    (cache / "text8.zip").write_bytes(b"another version")
+    with pytest.raises(UsageError, match=rf"The file already at {cache / 'text8.zip'} does not match: its SHA-256 is "
+                                         rf"{sha256(b'another version')}, the published one 0{{64}} \(data.archive_sha256\)"):
+        fetch_corpus(unreachable, sha256(TEXT8_LIKE), cache, "text8", "0" * 64)
+    assert not list(cache.glob("*.lock"))  # a failed fetch leaves no lock file behind
 
 
 def test_tinyshakespeare_download_is_verified_and_cached(tmp_path, corpus):
@@ -152,7 +157,7 @@ def test_tinyshakespeare_download_is_verified_and_cached(tmp_path, corpus):
     assert fetch_corpus(url, digest, tmp_path / "cache", "tinyshakespeare.txt") == cached
     with pytest.raises(UsageError, match=r"SHA-256 .*not the expected 0{64}: it was not kept"):
         fetch_corpus(write(tmp_path / "x.txt", "text").as_uri(), "0" * 64, tmp_path / "other", "t.txt")
-    assert [p.name for p in (tmp_path / "other").iterdir()] == ["t.txt.lock"]
+    assert list((tmp_path / "other").iterdir()) == []  # nothing kept, not even the download's lock
 
 
 def data_config(name: str) -> DictConfig:
@@ -371,7 +376,7 @@ def test_text8_trains_then_tests_best_ckpt_and_every_record_shows_bits_per_chara
 def test_a_byte_level_model_trains_on_any_file_and_generates_text(tmp_path):
     from shakespeare.cli import fit
     from shakespeare.generation import write_samples
-    from shakespeare.tokenizer import BYTE_VOCABULARY
+    from shakespeare.tokenizer import BYTE_VOCABULARY, printable
     from tests.test_generate import compose_generate
 
     path = tmp_path / "enwik8"
@@ -381,4 +386,5 @@ def test_a_byte_level_model_trains_on_any_file_and_generates_text(tmp_path):
     assert checkpoint["hyper_parameters"]["vocabulary"] == BYTE_VOCABULARY
     out = io.StringIO()
     [text] = write_samples(compose_generate(f"ckpt_path={tmp_path / 'run'}", 'prompt="Ω ☃"', "max_new_tokens=300"), out)
-    assert out.getvalue() == f"Ω ☃{text}\n" and 0 < len(text) <= 300 and "<|pad|>" not in text  # 300 bytes, as text
+    assert out.getvalue() == printable(f"Ω ☃{text}") + "\n"  # control bytes shown as escapes on the terminal
+    assert 0 < len(text) <= 300 and "<|pad|>" not in text  # 300 bytes, as text

@@ -101,8 +101,8 @@ def test_the_sample_callback_uses_its_own_generator(run):
     trainer = SimpleNamespace(sanity_checking=False, loggers=[], global_step=0)
     callback.on_validation_epoch_end(trainer, module)
     assert torch.equal(torch.get_rng_state(), state) and len(callback.text) == 20
-    with pytest.raises(UsageError, match="temperature=0 must be greater than 0"):
-        GenerationSample(temperature=0)
+    with pytest.raises(UsageError, match="temperature=-1 must be a number of at least 0"):
+        GenerationSample(temperature=-1)
 
 
 class Foreign:
@@ -144,7 +144,7 @@ def test_generate_refuses_bad_options(run):
     for override, message in [
         ("prompt=ROMEO:QX", r"The prompt 'ROMEO:QX' contains 2 character\(s\) the model's vocabulary lacks: 'Q' 'X'"),
         ("max_new_tokens=-5", "max_new_tokens=-5 must be"),
-        ("temperature=0", "temperature=0 must be greater than 0"),
+        ("temperature=-0.1", "temperature=-0.1 must be a number of at least 0"),
         ("top_k=0", "top_k=0 must be a whole number of at least 1"),
         ("device=tpu", "device='tpu' is not available on this machine"),
         ("context=slide", "context=slide caches keys .* rotary positions .* Use context=crop"),  # learned positions
@@ -173,7 +173,7 @@ def test_generate_cli_end_to_end(run, tmp_path):
     assert list(tmp_path.iterdir()) == []  # generating writes nothing to disk
     assert "| lightning" not in result.stderr  # importing Lightning alone would double the start-up time
     result = run_generate([f"ckpt_path={run.best}", "temperature=-1"], tmp_path)
-    assert result.returncode == 2 and "\ntemperature=-1 must be greater than 0" in result.stderr
+    assert result.returncode == 2 and "\ntemperature=-1 must be a number of at least 0" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -219,3 +219,21 @@ def test_the_sample_at_the_end_of_training_escapes_control_characters(tmp_path, 
     GenerationSample(max_new_tokens=300).on_train_end(SimpleNamespace(progress_bar_callback=None), module)
     out = capsys.readouterr().out
     assert "Predict from empty input" in out and not controls(out) and "\\x1b" in out
+
+
+def test_ckpt_path_last_writes_with_the_newest_runs_best_checkpoint(run, tmp_path):
+    import shutil
+
+    outputs = tmp_path / "outputs"
+    for when, folder in ((1_000, "2026-01-01/10-00-00-000000_old"), (2_000, "multiruns/2026-01-02/09-00-00-000000/0_new")):
+        best = outputs / folder / "checkpoints" / "best.ckpt"
+        best.parent.mkdir(parents=True)
+        shutil.copy(run.best, best)
+        os.utime(best, (when, when))
+    newest = outputs / "multiruns/2026-01-02/09-00-00-000000/0_new/checkpoints/best.ckpt"
+    from shakespeare.loading import resolve_checkpoint
+
+    assert resolve_checkpoint("last", outputs) == newest
+    assert len(write_samples(compose_generate("ckpt_path=last", f"log_dir={outputs}", "max_new_tokens=7"), io.StringIO())[0]) == 7
+    with pytest.raises(UsageError, match=r"ckpt_path=last found no run to write with: .*Train one first"):
+        write_samples(compose_generate("ckpt_path=last", f"log_dir={tmp_path / 'none'}"), io.StringIO())

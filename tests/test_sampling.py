@@ -99,8 +99,8 @@ def test_unknown_prompt_characters_are_listed_or_skipped():
     "options, message",
     [
         ({"max_new_tokens": -1}, "max_new_tokens=-1 must be a whole number of at least 0"),
-        ({"temperature": 0}, "temperature=0 must be greater than 0"),
-        ({"temperature": -0.5}, "temperature=-0.5 must be greater than 0"),
+        ({"temperature": -0.5}, "temperature=-0.5 must be a number of at least 0: .* 0 always picks the likeliest"),
+        ({"temperature": float("inf")}, "temperature=inf must be a number of at least 0"),
         ({"top_k": 0}, "top_k=0 must be a whole number of at least 1"),
         ({"num_samples": 0}, "num_samples=0 must be a whole number of at least 1"),
     ],
@@ -222,3 +222,16 @@ def test_sliding_and_cropped_samples_agree_while_the_text_fits_the_context(tmp_p
     assert slid == sample(model, tokenizer, "AB", generator=seeded(3), context="crop", **options)
     longer = dict(options, max_new_tokens=120)
     assert sample(model, tokenizer, "AB", generator=seeded(3), context="slide", **longer)[0][:24] == slid[0]
+
+
+def test_temperature_0_always_picks_the_likeliest_character():
+    model = make_model()
+    greedy = sample(model, TOKENIZER, "R", max_new_tokens=30, temperature=0, num_samples=2)
+    assert greedy[0] == greedy[1]  # no draw: every stream the same
+    with torch.inference_mode():
+        ids = TOKENIZER.encode("R").tolist()
+        for ch in greedy[0]:
+            logits = model(torch.tensor([ids[-model.cfg.sequence_length:]]))[0, -1]
+            logits[TOKENIZER.pad_id] = float("-inf")
+            assert TOKENIZER.vocabulary[int(logits.argmax())] == ch
+            ids.append(TOKENIZER.vocabulary.index(ch))
