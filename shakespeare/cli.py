@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from shakespeare.callbacks import BEST_VAL_LOSS
@@ -28,7 +29,7 @@ from shakespeare.errors import EXPLAINED, Interrupted, UsageError, speaks
 from shakespeare.faults import explained
 from shakespeare.module import ShakespeareModule
 from shakespeare.noise import silence_known_noise
-from shakespeare.run_folder import discard_refused_run, folder_name
+from shakespeare.run_folder import discard_refused_run, folder_name, next_steps, shown
 from shakespeare.sweep import record_failure, show_typed_overrides
 
 log = logging.getLogger("shakespeare")
@@ -137,8 +138,7 @@ def check_sweep_strategy(trainer: L.Trainer) -> None:
         isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)
         and not trainer.strategy.cluster_environment.creates_processes_externally
         and trainer.num_devices > 1
-        and HydraConfig.initialized()
-        and HydraConfig.get().mode == RunMode.MULTIRUN
+        and sweeping()
     ):
         raise UsageError(
             f"trainer.strategy=ddp with trainer.devices={trainer.num_devices} starts its extra processes by "
@@ -151,7 +151,7 @@ def check_sweep_strategy(trainer: L.Trainer) -> None:
 def fit(cfg: DictConfig) -> dict[str, float]:
     """Train one run as `cfg` describes and return its final metrics."""
     check_config(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the config and the research log
     check_accelerator(cfg.trainer.accelerator)
     set_threads(cfg.host.threads)
     keep_freed_memory()
@@ -207,7 +207,7 @@ def run(cfg: DictConfig) -> float | None:
             log.error("%s", stop)
         sys.exit(stop.exit_code)
     except Exception as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep goes on; SweepSummary reports it at the end
+        if sweeping():  # the sweep goes on; SweepSummary reports it at the end
             record_failure(err)
             return None  # no value: Optuna records a failed trial and searches on (a NaN crashes its sweeper)
         if isinstance(err, EXPLAINED):
@@ -217,4 +217,10 @@ def run(cfg: DictConfig) -> float | None:
                 discard_refused_run(cfg.paths.output_dir, HydraConfig.get().output_subdir, cfg.paths.log_dir)
             sys.exit(getattr(err, "exit_code", 2))
         raise
+    if rank_zero_only.rank == 0:  # where the run is, and what reads it
+        print("Run folder: " + shown(cfg.paths.output_dir) if sweeping() else next_steps(cfg.paths.output_dir), flush=True)
     return metrics.get("val/loss_best")
+
+
+def sweeping() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,22 @@ def folder_name(text: str) -> str:
     if len(name) > LONGEST:
         name = f"{name[:LONGEST - 9]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     return name or "run"
+
+
+def shown(path: str | Path) -> str:
+    """`path` as a user pastes it into a command: relative to the working folder when it lies inside it."""
+    path = Path(path).expanduser().resolve()
+    return str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
+
+
+def next_steps(folder: str | Path, sweep: bool = False) -> str:
+    """Where a finished run (or sweep) is, and the commands that read it, each ready to paste."""
+    where = shown(folder)
+    report, board = shlex.join(["python", "-m", "shakespeare.report", where]), shlex.join(["tensorboard", "--logdir", where])
+    if sweep:
+        return f"Sweep folder: {where}\n  {report}\n  {board}"
+    write = shlex.join(["python", "generate.py", f"ckpt_path={where}"])
+    return f"Run folder: {where}\n  {write}\n  {report}\n  {board}"
 
 
 def newest_run(log_dir: str | Path, checkpoint: str) -> Path | None:

@@ -13,7 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from shakespeare.errors import EXPLAINED
-from shakespeare.run_folder import unescaped
+from shakespeare.run_folder import next_steps, unescaped
 
 log = logging.getLogger("shakespeare")
 
@@ -54,6 +54,7 @@ class SweepSummary(Callback):
     """After a `-m` sweep, lists the jobs that failed and exits non-zero; the other jobs keep their results."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        print(next_steps(config.hydra.sweep.dir, sweep=True), flush=True)
         failures = sorted(Path(config.hydra.sweep.dir).glob(f"*/{FAILURE}"))
         if not failures:
             return

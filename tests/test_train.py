@@ -157,3 +157,55 @@ def test_a_run_piped_to_a_file_prints_epoch_lines_and_no_noise(tmp_path):
         assert "\r" not in text and "it/s" not in text and len(text.splitlines()) < 60  # nothing per batch
         for noise in ("litlogger", "LeafSpec", "exists and is not empty"):
             assert noise not in text, text
+
+
+NOISE = ("Seed set to", "GPU available:", "TPU available:", "`Trainer.fit` stopped", "litlogger", "litmodels",
+         "smaller than the logging interval")
+
+
+@pytest.mark.slow
+def test_a_run_ends_saying_where_it_is_and_prints_no_noise(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    result = run_train([f"data.path={corpus}", "model=bigram", "trainer.max_epochs=1", "trainer.limit_train_batches=3"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    assert not [noise for noise in NOISE if noise in out]
+    *_, where, write, report, board = result.stdout.rstrip("\n").split("\n")
+    folder = where.removeprefix("Run folder: ")
+    assert where.startswith("Run folder: outputs/") and (tmp_path / folder / "checkpoints" / "best.ckpt").is_file()
+    assert (write, report, board) == (f"  python generate.py ckpt_path={folder}", f"  python -m shakespeare.report {folder}",
+                                      f"  tensorboard --logdir {folder}")
+    refused = run_train([f"data.path={corpus}", "model=bigram", "data.batch_size=0"], tmp_path)
+    assert refused.returncode == 2 and "Seed set" not in refused.stdout + refused.stderr
+
+
+@pytest.mark.slow
+def test_on_a_terminal_the_bar_is_gone_before_the_last_lines(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # 40 rows of 160: room for the bar
+    args = [sys.executable, str(ROOT / "train.py"), f"data.path={corpus}", "model=block", "trainer.max_epochs=2",
+            "trainer.limit_train_batches=60", "callbacks.progress_bar.refresh_rate=1", "data.batch_size=64"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=terminal,
+                            stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the terminal closed: the run ended
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=120) == 0
+    shown = b"".join(chunks).decode("utf-8", "replace")
+    assert "it/s" in shown  # the bar was drawn on the terminal
+    before, after = shown.split("Training completed", 1)
+    assert "it/s" not in after and "Epoch" not in after  # not redrawn after the run's last lines
+    assert before.rsplit("\n", 1)[-1].strip("\r \x1b[A2K") == ""  # the line starts on a line of its own
