@@ -8,11 +8,12 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import Timer, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -34,8 +35,8 @@ from shakespeare.tokenizer import printable
 
 log = logging.getLogger("shakespeare")
 
-BEST_VAL_LOSS = "hp/best_val_loss"  # the metric TensorBoard's HParams tab sets the hyperparameters against
 TOKENS_PER_SECOND = "throughput/tokens_per_sec"
+ELAPSED = "time/elapsed"  # seconds of training so far, over every session of a resumed run
 STATUSES = ("running", "finished", "interrupted", "failed")
 
 
@@ -60,13 +61,14 @@ class ProgressBar(TQDMProgressBar):
             self.disable()
 
 
-def epoch_line(epoch: int, max_epochs: int, seconds: float, train: float | None, val: float | None, best: bool) -> str:
-    """The log's line for one epoch: `9/10 -- 6.50s  Train loss 2.4529  Eval loss 2.4542 <<` (tab-separated)."""
-    line = f"{epoch}/{max_epochs} -- {seconds:.2f}s"
+def epoch_line(where: str, seconds: float, train: float | None, val: float | None, best: bool) -> str:
+    """The log's line, tab-separated as the log prints it: `9/10 -- 6.50s  Train loss 2.4529  Eval loss 2.4542  <<`
+    (`<<`: a new best eval loss). `where`: the epoch (`9/10`), or the step of a run that validates between epochs."""
+    line = f"{where} -- {seconds:.2f}s"
     if train is not None:
         line += f" \tTrain loss \t{train:.4f}"
     if val is not None:
-        line += f" \tEval loss \t{val:.4f} \t" + ("<<" if best else "")
+        line += f" \tEval loss \t{val:.4f}" + (" \t<<" if best else "")
     return line
 
 
@@ -74,29 +76,59 @@ def completed_line(elapsed: float) -> str:
     return f"Training completed. Elapsed time: {elapsed:.2f}s"
 
 
-class EpochLine(L.Callback):
-    """Prints the log's line per epoch, `9/10 -- 6.50s  Train loss 2.4529  Eval loss 2.4542 <<`
-    (`<<` marks a new best eval loss), and `Training completed. Elapsed time: ...` at the end.
+def time_budget(trainer: L.Trainer) -> Timer | None:
+    """Lightning's Timer when the run has a time budget (trainer.max_time)."""
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    return timer if timer is not None and timer.time_remaining() is not None else None
 
-    It also measures the epoch's training throughput (`tokens_per_second`, validation time left out).
+
+def by_epoch(trainer: L.Trainer) -> bool:
+    """Whether the run counts epochs and validates at their ends (the log's runs), rather than every so many steps."""
+    return (trainer.max_epochs not in (None, -1) and trainer.check_val_every_n_epoch is not None
+            and trainer.val_check_batch >= trainer.num_training_batches)
+
+
+def progress(trainer: L.Trainer) -> str:
+    """Where a line stands: `9/10` (epochs validated at their ends); for validation every so many steps the step,
+    after the epoch when epochs count (`0/10 step 500`), with trainer.max_steps (`step 500/2000`) and the time
+    budget (`step 500 (37 s of 580 s)`)."""
+    epochs = trainer.max_epochs not in (None, -1)
+    if by_epoch(trainer):
+        return f"{trainer.current_epoch}/{trainer.max_epochs}"
+    text = f"{trainer.current_epoch}/{trainer.max_epochs} " if epochs else ""
+    text += f"step {trainer.global_step}" + (f"/{trainer.max_steps}" if trainer.max_steps not in (None, -1) else "")
+    if timer := time_budget(trainer):
+        spent = timer.time_elapsed("train")
+        text += f" ({spent:.0f} s of {spent + timer.time_remaining('train'):.0f} s)"
+    return text
+
+
+class EpochLine(L.Callback):
+    """Prints the log's line, `9/10 -- 6.50s  Train loss 2.4529  Eval loss 2.4542  <<`, after every validation
+    and at the end of an epoch without one, and `Training completed. Elapsed time: ...` at the end.
+
+    A line covers the interval since the one before: its time, the mean training loss of its steps (the
+    module's), the validation loss, and the training throughput (validation time left out). Each line's
+    throughput and the run's elapsed time go to the loggers (`throughput/tokens_per_sec`, `time/elapsed`).
+    The open interval travels in checkpoints, so a resumed run's next line covers the steps on both sides
+    of the interruption but not the time in between. `readers` get every line (the research log).
     """
 
     def __init__(self) -> None:
-        self.best = math.inf
-        self.elapsed = 0.0  # over all sessions of a resumed run
+        self.elapsed = 0.0  # training time over all sessions of a resumed run
         self.tokens_per_second: float | None = None
+        self.readers: list[Callable[[str], None]] = []
+        self._carried = {"seconds": 0.0, "val_seconds": 0.0, "tokens": 0}  # the open interval of a checkpoint
 
     def emit(self, trainer: L.Trainer, line: str) -> None:
         console(trainer, line)
+        for read in self.readers:
+            read(line)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._session_start = self._epoch_start = time.perf_counter()  # a run resumed mid-epoch skips epoch start
-        self._val_seconds, self._tokens = 0.0, 0
-        self._elapsed_before = self.elapsed
-
-    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._epoch_start = time.perf_counter()
-        self._val_seconds, self._tokens = 0.0, 0
+        now = time.perf_counter()
+        self._session_start, self._elapsed_before = now, self.elapsed
+        self._start, self._val_seconds, self._tokens = now - self._carried["seconds"], self._carried["val_seconds"], self._carried["tokens"]
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         self._tokens += batch[0].numel()  # an attribute read: no device sync
@@ -107,55 +139,81 @@ class EpochLine(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._val_seconds += time.perf_counter() - self._val_start
+            self.line(trainer, module, trainer.callback_metrics.get("val/loss"), module.val_loss_improved)
 
-    @rank_zero_only
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._tokens:  # steps since the last line: an epoch without validation
+            module.close_training_interval()  # callbacks hear of the epoch's end before the module
+            self.line(trainer, module, None, False)
+
+    def line(self, trainer: L.Trainer, module: L.LightningModule, val: float | None, best: bool) -> None:
         now = time.perf_counter()
         self.elapsed = self._elapsed_before + now - self._session_start
-        seconds = now - self._epoch_start
+        seconds = now - self._start
         self.tokens_per_second = self._tokens * trainer.world_size / max(seconds - self._val_seconds, 1e-9)
-        metrics = trainer.callback_metrics
-        train, val = metrics.get("train/loss_epoch"), metrics.get("val/loss")
-        improved = val is not None and float(val) < self.best
-        if improved:
-            self.best = float(val)
-        self.emit(trainer, epoch_line(trainer.current_epoch, trainer.max_epochs, seconds, train, val, improved))
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({TOKENS_PER_SECOND: self.tokens_per_second, ELAPSED: self.elapsed}, step=trainer.global_step)
+            self.emit(trainer, epoch_line(progress(trainer), seconds, module.train_loss_mean, val, best))
+        self._start, self._val_seconds, self._tokens = now, 0.0, 0
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.elapsed = self._elapsed_before + time.perf_counter() - self._session_start
         self.emit(trainer, completed_line(self.elapsed))
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "elapsed": self.elapsed}
+        if not hasattr(self, "_start"):  # saved before training started
+            return {"elapsed": self.elapsed, "interval": dict(self._carried)}
+        now = time.perf_counter()
+        interval = {"seconds": now - self._start, "val_seconds": self._val_seconds, "tokens": self._tokens}
+        return {"elapsed": self._elapsed_before + now - self._session_start, "interval": interval}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best, self.elapsed = state["best"], state["elapsed"]
+        self.elapsed = state["elapsed"]
+        self._carried = dict(state.get("interval", self._carried))
 
 
-class ResearchLog(EpochLine):
+class ResearchLog(L.Callback):
     """Keeps `research_log.md` in the run folder, in the research log's shape: the config, the model and
-    optimizer, one line per epoch, the elapsed time, parameters, tokens/second, the best eval loss and the
+    optimizer, the epoch line's lines, the elapsed time, parameters, tokens/second, the best eval loss and the
     test loss (with `data.test_fraction`) in nats and bits per character, and a generated sample.
 
-    The file is rewritten atomically after every step of the run, so a crashed run keeps a partial entry;
-    its status line says running, finished, interrupted or failed (`mark()` sets it). The epoch's
-    tokens/second also goes to the loggers, as `throughput/tokens_per_sec`. Writes on rank zero only.
+    The file is rewritten atomically after every line of the run, so a crashed run keeps a partial entry;
+    its status line says running, finished, interrupted or failed (`mark()` sets it). It reads the lines of
+    the run's EpochLine, which must be among the callbacks. Writes on rank zero only.
     """
 
     def __init__(self, path: str | Path, command: list[str] | None = None, sample_length: int = 300) -> None:
-        super().__init__()
         self.path = Path(path)
         self.command = "python train.py " + " ".join(unescaped(o) for o in command or [])
         self.sample_length = sample_length
         self.status, self.note = "running", ""
         self.title = self.config = self.learner = self.sample = ""
         self.parameters = 0
-        self.lines: list[str] = []  # epoch lines, kept across resumed sessions
+        self.lines: list[str] = []  # the epoch line's lines, kept across resumed sessions
         self.throughputs: list[float] = []
+        self.best = math.inf
         self.test_loss: float | None = None
+        self.unit = "epoch"  # what a line covers: an epoch, or the steps between two validations
+        self._epoch_line: EpochLine | None = None
 
-    def emit(self, trainer: L.Trainer, line: str) -> None:
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        epoch_line = next((c for c in trainer.callbacks if isinstance(c, EpochLine)), None)
+        if epoch_line is None:
+            raise UsageError("callbacks.research_log writes the epoch line's lines, but callbacks.epoch_line is gone. "
+                             "Keep callbacks.epoch_line, or remove callbacks.research_log too.")
+        if self.add_line not in epoch_line.readers:
+            epoch_line.readers.append(self.add_line)
+        self._epoch_line = epoch_line
+
+    def add_line(self, line: str) -> None:
         self.lines.append(line)
+        if line.startswith("Training completed") or self._epoch_line is None:
+            self.write()
+            return
+        if self._epoch_line.tokens_per_second is not None:
+            self.throughputs.append(self._epoch_line.tokens_per_second)
         self.write()
 
     def mark(self, status: str, note: str = "") -> None:
@@ -185,8 +243,8 @@ class ResearchLog(EpochLine):
         text += f"{self.learner}\n{fence}\n\nParameters: {self.parameters:,}\n"
         if self.throughputs:
             mean = sum(self.throughputs) / len(self.throughputs)
-            epochs = f"{len(self.throughputs)} epoch" + ("s" if len(self.throughputs) > 1 else "")
-            text += f"Throughput: {mean:,.0f} tokens/s (training, mean over {epochs})\n"
+            lines = f"{len(self.throughputs)} {self.unit}" + ("s" if len(self.throughputs) > 1 else "")
+            text += f"Throughput: {mean:,.0f} tokens/s (training, mean over {lines})\n"
         text += f"\nResult:\n{fence}\n" + "".join(line + "\n" for line in self.lines) + f"{fence}\n"
         if math.isfinite(self.best):
             text += f"\nBest eval loss: {self.best:.4f} ({self.best / math.log(2):.4f} bits per character)\n"
@@ -211,7 +269,7 @@ class ResearchLog(EpochLine):
             "num_heads": model.get("num_heads"),
             "num_blocks": model.get("num_blocks"),
             "dropout": model.get("dropout"),
-            "epochs": trainer.max_epochs,
+            **budget(trainer),
             "learning_rate": module.hparams.get("optimizer", {}).get("lr"),
             "patience": patience,
             "min_delta": min_delta,
@@ -224,20 +282,20 @@ class ResearchLog(EpochLine):
         self.parameters = sum(p.numel() for p in module.parameters())
         self.mark("running")
 
-    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, module)
-        if self.tokens_per_second is not None and trainer.is_global_zero:
-            self.throughputs.append(self.tokens_per_second)
-            for logger in trainer.loggers:
-                logger.log_metrics({TOKENS_PER_SECOND: self.tokens_per_second}, step=trainer.global_step)
-            self.write()
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.unit = "epoch" if by_epoch(trainer) else "validation interval"
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.best = module.val_loss_best  # written with the line the epoch line hands over next
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.sample = generate_sample(module, self.sample_length) if self.sample_length else ""
-        super().on_train_end(trainer, module)  # appends "Training completed ..."
         if self.status == "running":  # an interruption already marked stays marked
             self.mark("finished")
+        else:
+            self.write()
 
     @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -256,40 +314,28 @@ class ResearchLog(EpochLine):
             self.mark("failed", "".join(traceback.format_exception_only(exception)).strip())
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "lines": list(self.lines), "throughputs": list(self.throughputs)}
+        return {"lines": list(self.lines), "throughputs": list(self.throughputs), "best": self.best}
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
         self.lines, self.throughputs = list(state.get("lines", [])), list(state.get("throughputs", []))
+        self.best = state.get("best", math.inf)
+
+
+def budget(trainer: L.Trainer) -> dict:
+    """What ends the run, as the research log's Config line shows it: `epochs=10` (the log's), and
+    `max_steps=2000` or `max_time=580s` when those are set."""
+    limits = {"epochs": trainer.max_epochs} if trainer.max_epochs not in (None, -1) else {}
+    if trainer.max_steps not in (None, -1):
+        limits["max_steps"] = trainer.max_steps
+    if timer := time_budget(trainer):
+        limits["max_time"] = f"{timer.time_elapsed() + timer.time_remaining():.0f}s"
+    return limits
 
 
 def generate_sample(module: L.LightningModule, length: int) -> str:
     """A seeded sample from the empty prompt, as the log printed after training."""
     generator = torch.Generator(module.device).manual_seed(0)
     return printable(sample(module.model, module.tokenizer, "", max_new_tokens=length, generator=generator)[0])
-
-
-class HParamsMetric(L.Callback):
-    """Keeps `hp/best_val_loss`, the metric of TensorBoard's HParams tab, at the best validation loss so far."""
-
-    def __init__(self, monitor: str = "val/loss") -> None:
-        self.monitor = monitor
-        self.best = math.inf
-
-    @rank_zero_only
-    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        value = trainer.callback_metrics.get(self.monitor)
-        if trainer.sanity_checking or value is None or not float(value) < self.best:
-            return
-        self.best = float(value)
-        for logger in trainer.loggers:
-            logger.log_metrics({BEST_VAL_LOSS: self.best}, step=trainer.global_step)
-
-    def state_dict(self) -> dict:
-        return {"best": self.best}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best = state["best"]
 
 
 class GenerationSample(L.Callback):

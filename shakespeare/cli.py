@@ -20,14 +20,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from shakespeare.callbacks import BEST_VAL_LOSS
 from shakespeare.checkpoints import AtomicCheckpointIO, check_resumable, find_run, read_checkpoint, resume_checkpoint
 from shakespeare.composition import CONFIG_DIR, explained_composition
 from shakespeare.config import check_config, check_with_data, rung_help
 from shakespeare.cpu import flush_denormals, keep_freed_memory, set_threads
 from shakespeare.errors import EXPLAINED, Interrupted, UsageError, speaks
 from shakespeare.faults import explained
-from shakespeare.module import ShakespeareModule
+from shakespeare.module import BEST_VAL_LOSS, ShakespeareModule
 from shakespeare.noise import silence_known_noise
 from shakespeare.run_folder import discard_refused_run, folder_name, next_steps, shown
 from shakespeare.sweep import record_failure, show_typed_overrides

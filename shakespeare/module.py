@@ -17,6 +17,10 @@ from shakespeare.model import GeneratorConfig, ShakespeareGenerator
 from shakespeare.tokenizer import tokenizer_for
 
 
+BEST_VAL_LOSS = "hp/best_val_loss"  # the metric TensorBoard's HParams tab sets the hyperparameters against
+TRAIN_LOSS = "train/loss"  # the mean training loss of each line: an epoch, or the steps between validations
+
+
 class ShakespeareModule(L.LightningModule):
     """Trains a `ShakespeareGenerator` on next-character prediction.
 
@@ -31,10 +35,14 @@ class ShakespeareModule(L.LightningModule):
         self.save_hyperparameters(logger=False)  # the run logs its curated hyperparameters itself
         self.tokenizer = tokenizer_for(vocabulary)  # the 256 bytes, or the text's characters
         self.model = ShakespeareGenerator(GeneratorConfig(vocab_size=len(vocabulary), **model))
-        self.train_loss = MeanMetric()  # the epoch's mean: ~0.1 ms a step, where self.log costs ~1 ms a call
+        # the training loss since the last line (an epoch, or the steps since the last validation): ~0.1 ms a step,
+        # where self.log costs ~1 ms a call; its mean is `train_loss_mean` once the interval closes
+        self.train_loss = MeanMetric()
+        self.train_loss_mean: float | None = None
         if self.model.cfg.compile:
             self.model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
-        self.val_loss_best = math.inf  # kept in checkpoints beside the weights
+        self.val_loss_best = math.inf  # the run's one record of it, kept in checkpoints beside the weights
+        self.val_loss_improved = False  # whether the last validation set a new best
         self.val_loss_by_position = LossByPosition(self.model.cfg.sequence_length)
         self.loss_by_position: list[float] = []  # the last validation's, positions 1..T
 
@@ -44,8 +52,6 @@ class ShakespeareModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model.loss(*batch)
         self.train_loss.update(loss.detach())
-        if self.train_loss.update_count == 1:  # once an epoch: Lightning computes, syncs and resets it at the end
-            self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # the steps whose values the logger writes
             self.log("train/loss_step", loss, prog_bar=True)
         return loss
@@ -68,28 +74,53 @@ class ShakespeareModule(L.LightningModule):
             self.log("test/bpc", loss / math.log(2), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        """Log `val/bpc` (the loss in bits per character, the unit the literature reports) and `val/loss_best`, the
-        lowest epoch validation loss so far: what sweeps minimise; and the epoch's validation loss at each position
-        of the window, as `val_loss_by_position/<t>`."""
+        """Log `val/bpc` (the loss in bits per character, the unit the literature reports); track the lowest
+        validation loss so far, `val/loss_best` (what sweeps minimise, and TensorBoard's HParams metric); log the
+        validation loss at each position of the window, as `val_loss_by_position/<t>`; close the training interval."""
         if self.val_loss_by_position.update_count:
             self.loss_by_position = self.val_loss_by_position.compute().tolist()  # summed over ranks: all call it
             self.val_loss_by_position.reset()
-        loss = self.trainer.callback_metrics.get("val/loss")  # this epoch's, already averaged over ranks
+        loss = self.trainer.callback_metrics.get("val/loss")  # this validation's, already averaged over ranks
         if self.trainer.sanity_checking or loss is None:
             return
         self.log("val/bpc", loss / math.log(2), sync_dist=True)  # nats / ln 2
         tags = position_tags(len(self.loss_by_position), LOSS_BY_POSITION)
         for logger in self.loggers:  # T values as one logger call: T calls of self.log would cost ~T ms
             logger.log_metrics(dict(zip(tags, self.loss_by_position)), step=self.global_step)
-        self.val_loss_best = min(self.val_loss_best, float(loss))
-        # for sweepers and callback_metrics only: TensorBoard gets it as hp/best_val_loss; equal on all ranks
-        self.log("val/loss_best", self.val_loss_best, sync_dist=True, logger=False)
+        self.val_loss_improved = float(loss) < self.val_loss_best
+        if self.val_loss_improved:
+            self.val_loss_best = float(loss)
+            for logger in self.loggers:
+                logger.log_metrics({BEST_VAL_LOSS: self.val_loss_best}, step=self.global_step)
+        self.log("val/loss_best", self.val_loss_best, sync_dist=True, logger=False)  # for sweepers; equal on all ranks
+        self.close_training_interval()
+
+    def on_train_epoch_end(self) -> None:
+        self.close_training_interval()  # an epoch without validation, or the steps after the last one
+
+    def close_training_interval(self) -> None:
+        """`train_loss_mean`: the mean training loss since the interval began, over every process; logged as
+        `train/loss`. Every process calls it at the same point (the mean is a collective)."""
+        if not self.train_loss.update_count:
+            return
+        self.train_loss_mean = float(self.train_loss.compute())
+        self.train_loss.reset()
+        for logger in self.loggers:
+            logger.log_metrics({TRAIN_LOSS: self.train_loss_mean}, step=self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["val_loss_best"] = self.val_loss_best
+        # the open training interval, summed over every process (all save at the same step), so a resumed run's
+        # next line averages the steps before the interruption too
+        state = torch.stack([self.train_loss.mean_value, self.train_loss.weight]).float()
+        checkpoint["train_loss_interval"] = self.trainer.strategy.reduce(state, reduce_op="sum").tolist()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.val_loss_best = checkpoint.get("val_loss_best", math.inf)
+        total, weight = checkpoint.get("train_loss_interval", (0.0, 0.0))
+        self.train_loss.reset()
+        if weight and (self._trainer is None or self.trainer.global_rank == 0):  # once: the sum covers every process
+            self.train_loss.update(torch.tensor(total / weight), weight=weight)
 
     def configure_optimizers(self):
         optimizer = instantiate(self.hparams.optimizer, params=self.model.named_parameters())  # names: Muon's split

@@ -11,11 +11,13 @@ import math
 import re
 import sys
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from shakespeare.callbacks import TOKENS_PER_SECOND
+from shakespeare.callbacks import ELAPSED, TOKENS_PER_SECOND
+from shakespeare.composition import CONFIG_DIR
 from shakespeare.errors import UsageError
 from shakespeare.run_folder import unescaped
 from shakespeare.sweep import FAILURE
@@ -103,8 +105,33 @@ class Run:
             return None
 
     @property
+    def trainer(self) -> dict:
+        return self.config.get("trainer", {})
+
+    @property
+    def by_epoch(self) -> bool:
+        """Whether the run counts epochs and validates at their ends (the log's runs), not every so many steps."""
+        trainer = self.trainer
+        return (trainer.get("max_epochs") not in (None, -1) and trainer.get("val_check_interval") in (None, 1.0)
+                and trainer.get("check_val_every_n_epoch") is not None)
+
+    @property
     def epochs(self) -> int:
         return len(self.scalars.get("val/loss", []))
+
+    @property
+    def steps(self) -> int | None:
+        val = self.scalars.get("val/loss")
+        return val[-1][0] if val else None
+
+    @property
+    def trained(self) -> str:
+        """How far the run went, against what ends it: `10/10` epochs, `2,000/2,000 steps`, `6,400 steps in 580 s`."""
+        if self.by_epoch:
+            return f"{self.epochs}/{self.max_epochs or '?'}"
+        steps, max_steps = self.steps, self.trainer.get("max_steps")
+        text = "-" if steps is None else f"{steps:,}" + (f"/{max_steps:,}" if max_steps not in (None, -1) else "") + " steps"
+        return text + (f" in {self.time_budget:.0f} s" if self.time_budget is not None else "")
 
     @property
     def max_epochs(self) -> int | None:
@@ -128,10 +155,15 @@ class Run:
 
     @property
     def seconds_per_epoch(self) -> float | None:
+        """Training time per epoch, by the run's own clock (a resumed run's gap between sessions left out); runs
+        from before it logged one: the wall time since the first event."""
         val = self.scalars.get("val/loss")
-        if not val or self.started is None:
+        if not val or not self.by_epoch:
             return None
-        return (val[-1][1] - self.started) / len(val)
+        elapsed = self.curve(ELAPSED)
+        if elapsed:
+            return elapsed[-1] / len(val)
+        return None if self.started is None else (val[-1][1] - self.started) / len(val)
 
     @property
     def tokens_per_second(self) -> tuple[float | None, bool]:
@@ -153,7 +185,7 @@ class Run:
             return self.logged_status
         if self.epochs == 0:
             return "failed (no epoch finished)"
-        if self.max_epochs and self.epochs < self.max_epochs:
+        if self.by_epoch and self.epochs < self.max_epochs:
             crashed = "killed or still running" if self.logged_status == "running" else "stopped early or partial"
             return f"{crashed} ({self.epochs}/{self.max_epochs} epochs)"
         return "finished"
@@ -256,13 +288,43 @@ def bits(loss: float | None) -> float | None:
     return None if loss is None else loss / math.log(2)
 
 
+@cache
+def log_settings(rung: str) -> dict | None:
+    """What defines a run of the research log's `rung` at the log's settings (experiment=ladder, or
+    experiment=scale_up): the model, its context and batch, the optimizer and the epochs. None for other rungs."""
+    if rung not in PUBLISHED:
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", ["experiment=scale_up"] if rung == "scale_up" else ["experiment=ladder", f"model={rung}"])
+    return defining(OmegaConf.to_container(cfg, resolve=False))
+
+
+def defining(config: dict) -> dict:
+    """The settings a loss in the research log depends on (fused attention computes the same model)."""
+    model = {k: v for k, v in config.get("model", {}).items() if k not in ("fused_attention", "compile")}
+    data, optimizer = config.get("data", {}), config.get("optimizer", {})
+    return {"model": model, "data": {k: data.get(k) for k in ("sequence_length", "batch_size")},
+            "optimizer": {k: optimizer.get(k) for k in ("_target_", "lr")},
+            "max_epochs": config.get("trainer", {}).get("max_epochs")}
+
+
+def matches_the_log(run: Run) -> bool:
+    """Whether the research log's eval loss for the run's rung belongs beside it: tinyshakespeare, the log's settings."""
+    settings = log_settings(run.rung)
+    return settings is not None and run.corpus == "tinyshakespeare.txt" and defining(run.config) == settings
+
+
 def markdown_table(runs: list[Run]) -> str:
     """One row per run: rung, overrides, parameters, epochs, losses (and bits per character; test loss when
     a run has a test split), seconds/epoch, tokens/s, status, folder."""
     tested = any(run.test_loss is not None for run in runs)
     test_columns = " test loss | test bpc |" if tested else ""
     rows = [
-        f"| rung | overrides | parameters | epochs | best eval loss | log's eval loss | eval bpc |{test_columns} "
+        f"| rung | overrides | parameters | trained | best eval loss | log's eval loss | eval bpc |{test_columns} "
         "s/epoch | tokens/s | status | run |",
         "|---|---|---:|---:|---:|---:|---:|" + "---:|---:|" * tested + "---:|---:|---|---|",
     ]
@@ -274,9 +336,9 @@ def markdown_table(runs: list[Run]) -> str:
             run.rung,
             " ".join(f"`{o}`" for o in run.overrides) or "-",
             "-" if run.parameters is None else f"{run.parameters:,}",
-            f"{run.epochs}/{run.max_epochs or '?'}",
+            run.trained,
             _number(run.best_val_loss),
-            _number(PUBLISHED.get(run.rung) if run.corpus == "tinyshakespeare.txt" else None),
+            _number(PUBLISHED.get(run.rung) if matches_the_log(run) else None),
             _number(bits(run.best_val_loss)),
             *([_number(run.test_loss), _number(bits(run.test_loss))] if tested else []),
             _number(run.seconds_per_epoch, 2),
@@ -285,8 +347,8 @@ def markdown_table(runs: list[Run]) -> str:
             run.name,
         ]
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    notes = ["", "log's eval loss: the research log's on tinyshakespeare, measured on its random_windows split (see README). "
-             "bpc: bits per character (per byte for data.unit=byte), the loss / ln 2."]
+    notes = ["", "log's eval loss: the research log's, for runs of its rungs at its settings on tinyshakespeare, measured on "
+             "its random_windows split (see README). bpc: bits per character (per byte for data.unit=byte), the loss / ln 2."]
     if tested:
         notes.append("test loss: best.ckpt on the text's last data.test_fraction, after the validation split.")
     if estimated:
@@ -311,9 +373,24 @@ def budget_table(runs: list[Run]) -> str:
 
 
 def labels(runs: list[Run]) -> list[str]:
-    """Short names for plot legends: the rung and the overrides that differ between the runs."""
+    """Short names for plot legends: the rung and the overrides that differ between the runs; runs that would
+    still share a name (a sweep over data.path, repeats) add their folder's."""
     common = set.intersection(*(set(run.overrides) for run in runs)) if runs else set()
-    return [" ".join([run.rung, *(o for o in run.overrides if o not in common)]) for run in runs]
+    names = [" ".join([run.rung, *(o for o in run.overrides if o not in common)]) for run in runs]
+    return [f"{name} ({run.name})" if names.count(name) > 1 else name for name, run in zip(names, runs)]
+
+
+def validation_curves(runs: list[Run]) -> tuple[str, list[tuple[str, list[int], list[float]]]]:
+    """Each run's validation losses against the epoch, or against the training step once any run validates
+    every so many steps (a time or step budget): the x axis's name, and (label, x, y) per run that has any."""
+    axis = "epoch" if all(run.by_epoch for run in runs) else "step"
+    points = []
+    for run, label in zip(runs, labels(runs)):
+        events = run.scalars.get("val/loss", [])
+        if events:
+            x = [step for step, _, _ in events] if axis == "step" else list(range(len(events)))
+            points.append((label, x, [value for _, _, value in events]))
+    return axis, points
 
 
 def plot_validation_curves(runs: list[Run], path: Path) -> Path:
@@ -332,11 +409,11 @@ def plot_validation_curves(runs: list[Run], path: Path) -> Path:
         plot_loss_by_position(by_position, curves)
     else:
         fig, ax = plt.subplots(figsize=(9, 5.5))
-    for run, label in zip(runs, labels(runs)):
-        values = run.curve("val/loss")
-        if values:
-            ax.plot(range(len(values)), values, marker="o", markersize=3, label=label)
-    ax.set(xlabel="epoch", ylabel="eval loss", title="Validation loss per epoch")
+    axis, points = validation_curves(runs)
+    for label, x, y in points:
+        ax.plot(x, y, marker="o", markersize=3, label=label)
+    title = "Validation loss by training step" if axis == "step" else "Validation loss per epoch"
+    ax.set(xlabel=axis, ylabel="eval loss", title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if ax.lines:
@@ -357,18 +434,25 @@ def sample_run(run: Run, prompt: str, seed: int, length: int) -> str:
 
     model, tokenizer = load_generator(run.checkpoint())
     generator = torch.Generator().manual_seed(seed)
-    return sample(model, tokenizer, prompt, max_new_tokens=length, generator=generator, on_unknown="skip")[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a chain of small calls: one thread is fastest, and 2+ stall beside any busy process
+    try:
+        return sample(model, tokenizer, prompt, max_new_tokens=length, generator=generator, on_unknown="skip")[0]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def samples_section(runs: list[Run], prompt: str = "", seed: int = 0, length: int = 300) -> str:
     """Markdown: every run's sample from the same prompt and seed, in the table's (ladder) order."""
     shown = f"the prompt {prompt!r}" if prompt else "the empty prompt"
     text = f"## Samples\n\nEach run's best checkpoint continues {shown} with seed {seed} ({length} characters):\n"
+    sampled = [run for run in runs if run.checkpoint() is not None]
     for run, label in zip(runs, labels(runs)):
         text += f"\n### {label} ({run.name})\n\n"
         if run.checkpoint() is None:
             text += "No checkpoint to sample from.\n"
             continue
+        print(f"Sampling {sampled.index(run) + 1}/{len(sampled)}: {run.name}", file=sys.stderr, flush=True)
         try:
             written = printable(prompt + sample_run(run, prompt, seed, length))
         except UsageError as err:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from shakespeare.checkpoints import AtomicCheckpointIO
 from shakespeare.cli import fit
 from shakespeare.data import SlidingWindows
 from shakespeare.errors import Interrupted, UsageError
+from shakespeare.report import load_runs
 from tests.conftest import ROOT, compose_train, write_corpus
 
 # 3 epochs of 6 steps with dropout (so the random state matters), last.ckpt every 4 steps
@@ -117,6 +120,7 @@ def test_sigterm_then_ckpt_path_last_continues_the_same_run_exactly(tmp_path, co
     out, run = interrupt_at(9, signal.SIGTERM, args, tmp_path)
     assert_interrupted(out, run, signal.SIGTERM, step=9, epoch=1, corpus=corpus)
     original = (run / ".hydra" / "overrides.yaml").read_text()
+    time.sleep(2.5)  # a gap between the sessions that no epoch's time may count
 
     resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "ckpt_path=last"], cwd=tmp_path,
                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
@@ -126,6 +130,16 @@ def test_sigterm_then_ckpt_path_last_continues_the_same_run_exactly(tmp_path, co
     assert (run / ".hydra" / "overrides.yaml").read_text() == original and list(run.glob(".hydra/resumed-*/config.yaml"))
     assert "Status: finished" in (run / "research_log.md").read_text()
     assert_same_run(run / "checkpoints", reference)
+    lines, uninterrupted = epoch_lines(run / "research_log.md"), epoch_lines(reference.parent / "research_log.md")
+    assert [(epoch, train) for epoch, _, train in lines] == [(epoch, train) for epoch, _, train in uninterrupted]
+    assert lines[1][1] < 2.0  # the interrupted epoch: its steps before and after the interruption, not the gap
+    assert load_runs(run)[0].seconds_per_epoch < 2.0  # and the report's time per epoch
+
+
+def epoch_lines(research_log: Path) -> list[tuple[str, float, str]]:
+    """(epoch, seconds, train loss) of each epoch line in a research log."""
+    found = re.findall(r"^(\d+/\d+) -- ([\d.]+)s \tTrain loss \t([\d.]+)", research_log.read_text(), re.M)
+    return [(epoch, float(seconds), train) for epoch, seconds, train in found]
 
 
 @pytest.mark.slow

@@ -349,8 +349,8 @@ def test_relu2_is_relu_squared():
     [
         ({"norm": "batch"}, "model.norm='batch' is not one of layer, rms"),
         ({"activation": "tanh"}, "model.activation='tanh' is not one of gelu, relu2"),
-        ({"position": "rope"}, "model.position=rope .* needs model.residual=true and model.fused_attention=true"),
-        ({"position": "rope", "residual": True}, "model.fused_attention=true"),
+        ({"position": "rope"}, "model.position=rope .* needs model.residual=true"),
+        ({"position": "rope", "residual": True}, "needs model.fused_attention=true .* Drop model.fused_attention=false"),
         ({"qk_norm": True, "residual": True, "fused_attention": True}, "model.qk_norm=true .* needs model.position=rope"),
     ],
 )

@@ -13,27 +13,35 @@ from shakespeare.module import ShakespeareModule
 
 
 class Recorder(L.Callback):
-    """Every step's loss and, at each epoch's end, what the callbacks see as the epoch's train loss."""
+    """Every step's loss, and after each validation the module's mean training loss of the interval it closed."""
 
     def __init__(self) -> None:
-        self.losses, self.epoch_means = {}, {}
+        self.losses, self.means = [], []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.losses.setdefault(trainer.current_epoch, []).append(float(outputs["loss"]))
+        self.losses.append(float(outputs["loss"]))
 
-    def on_train_epoch_end(self, trainer, module) -> None:
-        self.epoch_means[trainer.current_epoch] = float(trainer.callback_metrics["train/loss_epoch"])
+    def on_validation_end(self, trainer, module) -> None:
+        if not trainer.sanity_checking:
+            self.means.append((trainer.global_step, module.train_loss_mean))
+
+    def on_train_epoch_end(self, trainer, module) -> None:  # after the epoch line, which closes an open interval
+        if not self.means or self.means[-1][0] != trainer.global_step:
+            self.means.append((trainer.global_step, module.train_loss_mean))
 
 
-def test_epoch_loss_is_the_mean_of_its_steps_and_steps_are_logged_at_the_cadence(tiny_cfg, monkeypatch):
+@pytest.mark.parametrize("validation, intervals", [([], [7, 14]), (["trainer.val_check_interval=3"], [3, 6, 7, 10, 13, 14])])
+def test_each_lines_train_loss_is_the_mean_of_its_steps_and_steps_are_logged_at_the_cadence(
+        validation, intervals, tiny_cfg, monkeypatch):
     recorder, build, log, calls = Recorder(), cli.build_callbacks, ShakespeareModule.log, []
     monkeypatch.setattr(cli, "build_callbacks", lambda cfg: [*build(cfg), recorder])
     monkeypatch.setattr(ShakespeareModule, "log", lambda self, name, *a, **k: calls.append(name) or log(self, name, *a, **k))
-    cli.fit(tiny_cfg("trainer.max_epochs=2", "trainer.limit_train_batches=7", "trainer.log_every_n_steps=3"))
-    for epoch, losses in recorder.losses.items():
-        assert recorder.epoch_means[epoch] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    cli.fit(tiny_cfg("trainer.max_epochs=2", "trainer.limit_train_batches=7", "trainer.log_every_n_steps=3", *validation))
+    closed = [0, *intervals]
+    expected = [sum(recorder.losses[a:b]) / (b - a) for a, b in zip(closed, closed[1:]) if b - a]
+    assert [step for step, _ in recorder.means] == [b for a, b in zip(closed, closed[1:]) if b - a]
+    assert [mean for _, mean in recorder.means] == pytest.approx(expected, rel=1e-6)  # each the mean since the last
     assert calls.count("train/loss_step") == 14 // 3  # steps 3, 6, 9, 12: what the logger writes, not every step
-    assert calls.count("train/loss_epoch") == 2  # registered once an epoch, updated every step without self.log
 
 
 def test_warmup_cosine_rises_then_decays_to_the_floor():

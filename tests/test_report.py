@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from shakespeare.cli import fit
 from shakespeare.composition import CONFIG_DIR
-from shakespeare.report import load_runs, main, samples_section, write_figures
+from shakespeare.callbacks import ELAPSED
+from shakespeare.report import Run, labels, load_runs, main, samples_section, validation_curves, write_figures
 from tests.conftest import ROOT, compose_train, write_corpus
 from tests.test_train import RUNGS
 
@@ -64,15 +65,16 @@ def test_report_lists_every_run_with_its_figures_and_status(runs, tmp_path, caps
     rows = {row.split(" | ")[-1].rstrip(" |"): row for row in table.splitlines() if row.startswith("| ") and "---" not in row}
     bigram, head = rows["multiruns/2026-01-01/12-00-00/0_model-bigram"], rows["multiruns/2026-01-01/12-00-00/1_model-head"]
     crashed = rows["multiruns/2026-01-01/12-00-00/2_model-multihead"]
-    # rung | overrides | parameters | epochs | best eval loss | log's eval loss | eval bpc | s/epoch | tokens/s | status | run
+    # rung | overrides | parameters | trained | best eval loss | log's eval loss | eval bpc | s/epoch | tokens/s | status | run
     assert "test loss" not in table  # no run has a test split
     cells = bigram.strip("| ").split(" | ")
-    assert cells[:4] == ["bigram", "`trainer.max_epochs=2` `data.batch_size=32`", "2,025", "2/2"]  # 45 x 45 logits
-    assert re.fullmatch(r"\d\.\d{4}", cells[4]) and cells[5] == "2.4613" and cells[9] == "finished"
+    capped = "`trainer.max_epochs=2` `data.batch_size=32` `trainer.limit_train_batches=5` `trainer.limit_val_batches=2`"
+    assert cells[:4] == ["bigram", capped, "2,025", "2/2"]  # 45 x 45 logits; a capped run says so
+    assert re.fullmatch(r"\d\.\d{4}", cells[4]) and cells[5] == "-" and cells[9] == "finished"  # not the log's settings
     assert float(cells[6]) == pytest.approx(float(cells[4]) / math.log(2), abs=2e-4)  # bits per character
     assert re.fullmatch(r"\d+\.\d\d", cells[7]) and re.fullmatch(r"[\d,]+", cells[8])  # measured tokens/s
     cells = head.strip("| ").split(" | ")
-    assert cells[0] == "head" and cells[5] == "2.3073" and cells[9] == "finished"  # from events alone
+    assert cells[0] == "head" and cells[9] == "finished"  # from events alone
     cells = crashed.strip("| ").split(" | ")
     assert cells[3] == "1/3" and cells[9] == "failed (RuntimeError: disk on fire)"
     assert rows["died"].strip("| ").split(" | ")[9] == "failed (no epoch finished)"
@@ -168,3 +170,62 @@ def test_a_failed_sweep_job_is_listed_with_its_reason(runs, tmp_path):
                                      "embedding_size / num_heads channels. Pick num_heads among [1, 2, 4].\n")
     [run] = load_runs(job)
     assert run.status == "failed (model.num_heads=3 does not divide model.embedding_size=32: each head gets embedding_size / num_heads channels)"
+
+
+def composed(*overrides: str) -> dict:
+    cfg = compose_train(Path("/nonexistent"), list(overrides))
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=False)
+
+
+@pytest.mark.parametrize("overrides, shown", [
+    (["experiment=ladder", "model=bigram"], True),
+    (["model=block_norm_dropout"], True),  # the default run is the log's final small model at its settings
+    (["model=block_norm_dropout", "model.fused_attention=true"], True),  # the same function, faster
+    (["experiment=scale_up"], True),
+    (["experiment=modern_ladder", "rung=block_norm_dropout"], False),  # the same rung name, 4 blocks x 128
+    (["model=head", "data.batch_size=32"], False),
+    (["experiment=ladder", "model=bigram", "data=text8"], False),  # another corpus
+])
+def test_the_logs_eval_loss_stands_only_beside_runs_at_its_settings(overrides, shown):
+    from shakespeare.report import markdown_table
+
+    run = Run(path=Path("run"), name="run", config=composed(*overrides), scalars={"val/loss": [(1, 0.0, 2.0)]})
+    log_column = markdown_table([run]).splitlines()[2].split(" | ")[5]
+    assert (log_column != "-") == shown
+
+
+def test_budget_runs_show_their_budget_and_are_plotted_by_step():
+    budget = Run(path=Path("a"), name="a", config=composed("experiment=cpu_speedrun", "trainer.max_time=00:00:02:00"),
+                 scalars={"val/loss": [(500, 1.0, 2.0), (1000, 2.0, 1.8)], ELAPSED: [(1000, 2.0, 118.0)]})
+    steps = Run(path=Path("b"), name="b", config=composed("model=bigram", "trainer.max_steps=2000", "trainer.max_epochs=-1",
+                                                         "trainer.val_check_interval=1000", "trainer.check_val_every_n_epoch=null"),
+                scalars={"val/loss": [(1000, 1.0, 2.5), (2000, 2.0, 2.4)]})
+    epochs = Run(path=Path("c"), name="c", config=composed("model=bigram"),
+                 scalars={"val/loss": [(10, 1.0, 2.5), (20, 2.0, 2.4)], ELAPSED: [(10, 1.0, 3.0), (20, 2.0, 7.0)]})
+    assert (budget.trained, steps.trained, epochs.trained) == ("1,000 steps in 120 s", "2,000/2,000 steps", "2/10")
+    assert budget.seconds_per_epoch is None and epochs.seconds_per_epoch == pytest.approx(3.5)  # the run's own clock
+    assert budget.status == "finished" and steps.status == "finished"
+    axis, points = validation_curves([budget, steps, epochs])
+    assert axis == "step" and [x for _, x, _ in points] == [[500, 1000], [1000, 2000], [10, 20]]
+    axis, points = validation_curves([epochs])
+    assert axis == "epoch" and points[0][1] == [0, 1]
+
+
+def test_runs_that_would_share_a_legend_label_are_told_apart():
+    one = Run(path=Path("x/0_a"), name="0_a", config={"model": {"name": "bigram"}}, overrides=["seed=1"])
+    two = Run(path=Path("x/1_a"), name="1_a", config={"model": {"name": "bigram"}}, overrides=["seed=1"])
+    three = Run(path=Path("x/2_b"), name="2_b", config={"model": {"name": "head"}}, overrides=["seed=1"])
+    assert labels([one, two, three]) == ["bigram (0_a)", "bigram (1_a)", "head"]
+
+
+def test_report_samples_on_one_thread_and_says_which_run_it_samples(runs, monkeypatch, capsys):
+    import torch
+
+    import shakespeare.sampling as sampling
+
+    threads, real = [], sampling.sample
+    monkeypatch.setattr(sampling, "sample", lambda *a, **k: threads.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    samples_section(load_runs(runs), length=20)
+    assert threads and set(threads) == {1} and torch.get_num_threads() == before
+    assert "Sampling 1/" in capsys.readouterr().err

@@ -19,9 +19,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from shakespeare.callbacks import BEST_VAL_LOSS, TOKENS_PER_SECOND, ResearchLog, epoch_line
+from shakespeare.callbacks import TOKENS_PER_SECOND, ResearchLog, epoch_line
 from shakespeare.cli import fit, hyperparameters
 from shakespeare.errors import Interrupted
+from shakespeare.module import BEST_VAL_LOSS, TRAIN_LOSS
 
 
 class FailAtEpoch(L.Callback):
@@ -69,9 +70,9 @@ def test_research_log_has_the_logs_shape(tiny_cfg):
 
 
 def test_epoch_line_is_the_logs():
-    line = epoch_line(9, 10, 6.5, 2.45291, 2.45419, best=True)
-    assert line == "9/10 -- 6.50s \tTrain loss \t2.4529 \tEval loss \t2.4542 \t<<"
-    assert epoch_line(0, 10, 1.0, None, 2.0, best=False).endswith("Eval loss \t2.0000 \t")
+    line = epoch_line("9/10", 6.5, 2.45291, 2.45419, best=True)
+    assert line == "9/10 -- 6.50s \tTrain loss \t2.4529 \tEval loss \t2.4542 \t<<"  # as research-log.md prints it
+    assert epoch_line("0/10", 1.0, None, 2.0, best=False).endswith("Eval loss \t2.0000")  # no trailing whitespace
 
 
 def test_a_crashed_run_keeps_a_partial_entry_marked_failed(tiny_cfg):
@@ -121,7 +122,7 @@ def test_tensorboard_events_hold_lr_throughput_and_hparams(tiny_cfg):
     events = EventAccumulator(cfg.paths.output_dir, size_guidance={"scalars": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss_step", "train/loss_epoch", "val/loss", "lr-Adam", TOKENS_PER_SECOND, BEST_VAL_LOSS} <= tags
+    assert {"train/loss_step", TRAIN_LOSS, "val/loss", "lr-Adam", TOKENS_PER_SECOND, BEST_VAL_LOSS} <= tags
     assert len(events.Scalars(TOKENS_PER_SECOND)) == 2 and events.Scalars(TOKENS_PER_SECOND)[-1].value > 0
     best = min(e.value for e in events.Scalars("val/loss"))
     assert events.Scalars(BEST_VAL_LOSS)[-1].value == pytest.approx(best)
@@ -176,7 +177,7 @@ def test_tensorboard_server_shows_losses_samples_and_hparams(tiny_cfg, tmp_path)
     fit(cfg)
     with tensorboard(Path(cfg.paths.output_dir).parent) as get:
         tags = get("/scalars/tags").get("run", {})
-        assert {"train/loss_step", "train/loss_epoch", "val/loss", "lr-Adam", TOKENS_PER_SECOND} <= set(tags)
+        assert {"train/loss_step", TRAIN_LOSS, "val/loss", "lr-Adam", TOKENS_PER_SECOND} <= set(tags)
         query = urllib.parse.urlencode({"run": "run", "tag": "val/loss"})
         losses = get(f"/scalars/scalars?{query}")
         assert len(losses) == 2 and all(0 < value < 10 for _, _, value in losses)

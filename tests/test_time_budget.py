@@ -8,6 +8,7 @@ one second per training step, so the tests never sleep and never depend on the m
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -67,6 +68,10 @@ def test_the_learning_rate_follows_the_elapsed_fraction_of_max_time_and_ends_ann
     assert clock.learning_rates[-1] < 0.15 * cfg.optimizer.lr  # the last steps are annealed
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["callbacks"]["Timer"]["time_elapsed"]["train"] == pytest.approx(BUDGET)
+    log = (tmp_path / "run" / "research_log.md").read_text()
+    assert re.findall(r"^(step \d+ \(\d+ s of \d+ s\)) -- ", log, re.M) == [  # the budget, never epoch 0/-1
+        "step 4 (4 s of 10 s)", "step 8 (8 s of 10 s)", "step 10 (10 s of 10 s)"]
+    assert "max_time=10s" in log and ", epochs=" not in log
 
 
 @pytest.mark.slow

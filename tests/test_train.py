@@ -88,8 +88,10 @@ def test_the_users_sweep_trains_one_model_per_job_whose_folder_pastes_back_unquo
     result = run_train(["-m", "model.num_heads=4,8", *tiny, "trainer.max_epochs=1"], tmp_path)  # the default rung
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.parent for p in (tmp_path / "outputs" / "multiruns").glob("*/*/*/checkpoints"))
-    # data.path and trainer.limit_* stay out of the names
-    assert [p.name for p in jobs] == [f"{i}_data.batch_size-32+model.num_heads-{h}+trainer.max_epochs-1" for i, h in ((0, 4), (1, 8))]
+    # data.path stays out of the names (a path, not a label); a capped run says so
+    capped = "trainer.limit_train_batches-3+trainer.limit_val_batches-2"
+    assert [p.name for p in jobs] == [f"{i}_data.batch_size-32+model.num_heads-{h}+{capped}+trainer.max_epochs-1"
+                                      for i, h in ((0, 4), (1, 8))]
     for job, heads in zip(jobs, (4, 8)):
         assert list(job.glob("events.out.tfevents.*")) and (job / "checkpoints" / "last.ckpt").exists()
         model = (job / "research_log.md").read_text().split("optimizer=")[0]
