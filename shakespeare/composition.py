@@ -21,7 +21,20 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+OmegaConf.register_new_resolver("documented", lambda name: documented(name), use_cache=True, replace=True)  # --help
 MOVED = {"trainer.threads": "host.threads", "trainer.collective_timeout": "host.collective_timeout"}
+
+
+def documented(config_name: str) -> str:
+    """conf/<config_name>.yaml's own keys as the file writes them, each with its comment (for `--help`: Hydra's
+    $CONFIG drops the comments); its defaults list and its `hydra:` section left out."""
+    kept, skipping = [], False
+    for line in (Path(CONFIG_DIR) / f"{config_name}.yaml").read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith((" ", "#")):
+            skipping = line.startswith(("defaults:", "hydra:"))
+        if not skipping and (kept or line and not line.startswith("#")):  # the file's header comment aside
+            kept.append(line)
+    return "\n".join(kept).strip("\n")
 
 
 def keys(node: object, prefix: str = "") -> Iterator[str]:

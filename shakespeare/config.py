@@ -115,11 +115,27 @@ def ladder_position(rung: str) -> int:
     return 1 + ladder_position(extends[0]) if extends else 0
 
 
+# The ladder, in order: the research log's seven rungs and its scale-up, then the modern rungs. Each is a
+# model config (model=<rung>, extending the one before), an experiment (scale_up) or a rung config (muon).
+LADDER = ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout", "scale_up",
+          "rmsnorm", "rope", "relu2", "qk_norm", "muon"]
+
+
+def rung_choice(rung: str) -> tuple[str, Path]:
+    """The override that picks a rung of the LADDER (`model=head`, `experiment=scale_up`, `rung=muon`) and its file."""
+    group = next(group for group in ("model", "experiment", "rung") if (Path(CONFIG_DIR) / group / f"{rung}.yaml").is_file())
+    return f"{group}={rung}", Path(CONFIG_DIR) / group / f"{rung}.yaml"
+
+
+def described(path: Path) -> str:
+    """What a config adds: its first comment line (Hydra's `# @package` aside)."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#") and "@package" not in line]
+    return lines[0].lstrip("# ") if lines else ""
+
+
 def rung_help() -> str:
-    """One line per rung, in ladder order, for `python train.py --help`: its name and what it adds (the first
-    comment line of conf/model/<rung>.yaml)."""
-    files = sorted(Path(CONFIG_DIR, "model").glob("*.yaml"), key=lambda path: (ladder_position(path.stem), path.stem))
-    return "\n".join(f"  model={path.stem:<20} {path.read_text(encoding='utf-8').splitlines()[0].lstrip('# ')}" for path in files)
+    """The ladder for `python train.py --help`: each rung's number, the override that picks it, what it adds."""
+    return "\n".join(f"  {n:>2}  {rung_choice(rung)[0]:<28}{described(rung_choice(rung)[1])}" for n, rung in enumerate(LADDER, 1))
 
 
 def check_rung_settings(model: DictConfig, overrides: list[str]) -> None:

@@ -18,14 +18,13 @@ from omegaconf import OmegaConf
 
 from shakespeare.callbacks import ELAPSED, TOKENS_PER_SECOND
 from shakespeare.composition import CONFIG_DIR
+from shakespeare.config import LADDER
 from shakespeare.errors import UsageError
 from shakespeare.run_folder import unescaped
 from shakespeare.sweep import FAILURE
 from shakespeare.inspection import LOSS_BY_POSITION, plot_loss_by_position
 from shakespeare.tokenizer import printable
 
-LADDER = ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout", "scale_up",
-          "rmsnorm", "rope", "relu2", "qk_norm", "muon"]
 # Eval loss in the research log (its random_windows split; scale_up: the best of the 3 epochs it saw).
 PUBLISHED = {
     "bigram": 2.4613,

@@ -33,7 +33,31 @@ def test_help_names_the_command_and_every_rung_with_what_it_adds(tmp_path):
     assert text.startswith("python train.py [group=option ...] [key=value ...]\n") and "powered by Hydra" not in text
     for rung in (ROOT / "conf" / "model").glob("*.yaml"):
         adds = rung.read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
-        assert re.search(rf"^  model={rung.stem} +{re.escape(adds)}$", text, re.M), rung.stem
+        assert re.search(rf"^ +\d+  model={rung.stem} +{re.escape(adds)}$", text, re.M), rung.stem
+    ladder = text.split("== The ladder")[1].split("== Configuration groups")[0]
+    assert not re.search(r"[;,:]$", ladder, re.M)  # no description cut mid-sentence
+
+
+def test_the_readme_numbers_the_ladder_as_help_does(tmp_path):
+    from shakespeare.config import rung_help
+
+    helped = re.findall(r"^ +(\d+)  (\S+)", rung_help(), re.M)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d+) \| `([^`]+)` \|", readme, re.M)
+    assert [(n, choice if "=" in choice else f"model={choice}") for n, choice in rows] == helped
+
+
+def test_the_readmes_epoch_lines_are_the_ones_a_run_prints():
+    from shakespeare.callbacks import epoch_line
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = re.findall(r"^(?:\d+/\d+|step) .*?Train loss.*$", readme, re.M)
+    assert shown
+    for line in shown:
+        where, seconds, train, val, best = re.fullmatch(
+            r"(.+?) -- ([\d.]+)s \tTrain loss \t([\d.]+)(?: \tEval loss \t([\d.]+))?( \t<<)?", line).groups()
+        assert line == epoch_line(where, float(seconds), float(train), val and float(val), bool(best))
+    assert not re.search(r"`\d+/\d+ -- [\d.]+s  Train loss", readme)  # no space-separated variants
 
 
 @pytest.mark.slow
@@ -46,3 +70,12 @@ def test_help_of_both_commands(script, first, groups, tmp_path):
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith(first), result.stdout[:500] + result.stderr[-2000:]
     assert groups in result.stdout and "powered by Hydra" not in result.stdout
+
+
+def test_the_ladder_lists_every_rung_each_after_the_one_it_extends():
+    from shakespeare.config import LADDER, ladder_position
+
+    models = sorted(path.stem for path in (ROOT / "conf" / "model").glob("*.yaml"))
+    assert sorted(set(LADDER) & set(models)) == models  # every model config is a rung of it
+    in_order = [rung for rung in LADDER if rung in models]
+    assert [ladder_position(rung) for rung in in_order] == list(range(len(in_order)))
