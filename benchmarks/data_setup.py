@@ -100,7 +100,7 @@ def child_setup(text: str, cache: str, baseline: str | None) -> None:
         module = import_baseline(Path(baseline))
         data = module.ShakespeareDataModule(path=text)
     else:
-        from shakespeare.data import ShakespeareDataModule
+        from shakespeare.data.datamodule import ShakespeareDataModule
 
         data = ShakespeareDataModule(path=text, cache_dir=cache)
     try:
@@ -218,9 +218,9 @@ def target_throughput(args, tmp: Path, corpus: Path, baseline: Path | None) -> N
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from shakespeare.composition import CONFIG_DIR
-    from shakespeare.data import ShakespeareDataModule
-    from shakespeare.module import ShakespeareModule
+    from shakespeare.run.composition import CONFIG_DIR
+    from shakespeare.data.datamodule import ShakespeareDataModule
+    from shakespeare.training.module import ShakespeareModule
 
     print("\n4. tinyshakespeare training steps (batch 1024, sequence 8, one thread) fed by the token cache vs the")
     print("   baseline's loader; interleaved rounds, medians; the verdict uses CPU time, which neighbours disturb less.")
@@ -275,7 +275,7 @@ def corpus_path() -> Path:
         return Path(os.environ["SHAKESPEARE_CORPUS"])
     from omegaconf import OmegaConf
 
-    from shakespeare.corpus import fetch_corpus
+    from shakespeare.data.corpus import fetch_corpus
 
     data = OmegaConf.load(ROOT / "conf" / "data" / "shakespeare.yaml")
     cache = os.environ.get("SHAKESPEARE_CACHE", "~/.cache/shakespeare")

@@ -28,8 +28,8 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shakespeare import sampling  # noqa: E402
-from shakespeare.model import GeneratorConfig, ShakespeareGenerator  # noqa: E402
+from shakespeare.model import sampling  # noqa: E402
+from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator  # noqa: E402
 from shakespeare.tokenizer import PAD, CharTokenizer  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")

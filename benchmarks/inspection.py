@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from speed import config  # noqa: E402
 
-from shakespeare.callbacks import Inspection  # noqa: E402
-from shakespeare.cli import fit  # noqa: E402
-from shakespeare.inspection import LossByPosition  # noqa: E402
+from shakespeare.training.callbacks import Inspection  # noqa: E402
+from shakespeare.cli.train import fit  # noqa: E402
+from shakespeare.training.inspection import LossByPosition  # noqa: E402
 
 
 class TimedInspection(Inspection):

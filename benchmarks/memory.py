@@ -31,9 +31,9 @@ CASES = {
 
 MEASURE = """
 import json, resource, sys, torch
-from shakespeare.cpu import keep_freed_memory
-from shakespeare.memory import step_memory
-from shakespeare.model import GeneratorConfig, ShakespeareGenerator
+from shakespeare.run.host import keep_freed_memory
+from shakespeare.model.memory import step_memory
+from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
 keep_freed_memory()
 torch.set_num_threads(1)
 case = json.loads(sys.argv[1]); batch_size = case.pop("batch_size")

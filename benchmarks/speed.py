@@ -29,10 +29,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shakespeare.cli import fit
-from shakespeare.composition import CONFIG_DIR  # noqa: E402
-from shakespeare.cpu import keep_freed_memory  # noqa: E402
-from shakespeare.module import ShakespeareModule  # noqa: E402
+from shakespeare.cli.train import fit
+from shakespeare.run.composition import CONFIG_DIR  # noqa: E402
+from shakespeare.run.host import keep_freed_memory  # noqa: E402
+from shakespeare.training.module import ShakespeareModule  # noqa: E402
 
 RUNGS = ["multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout", "scale_up"]
 

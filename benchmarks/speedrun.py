@@ -131,7 +131,8 @@ def within(name: str, overrides: list[str], threads: int, loss: float, seconds: 
 
 
 def ladder(threads: int, overrides: list[str]) -> list[str]:
-    from shakespeare.report import budget_table, load_runs
+    from shakespeare.report.runs import load_runs
+    from shakespeare.report.tables import budget_table
 
     with tempfile.TemporaryDirectory(prefix="modern-ladder-") as out:
         print(f"python train.py -m experiment=modern_ladder {' '.join(overrides)} ({load()}) ...", flush=True)

@@ -12,8 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import shakespeare.cli  # noqa: F401  (registers the resolvers train.py's config uses, as train.py does)
-from shakespeare.composition import CONFIG_DIR
+import shakespeare.cli.train  # noqa: F401  (registers the resolvers train.py's config uses, as train.py does)
+from shakespeare.run.composition import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException, OverrideParseException
 
-from shakespeare.cli import fit
-from shakespeare.composition import explain
-from shakespeare.config import check_config
+from shakespeare.cli.train import fit
+from shakespeare.run.composition import explain
+from shakespeare.run.checks import check_config
 from shakespeare.errors import UsageError
-from shakespeare.run_folder import discard_refused_run
+from shakespeare.run.folders import discard_refused_run
 from tests.conftest import ROOT, compose_train, write_corpus
 from tests.test_train import run_train
 
@@ -41,7 +41,7 @@ from tests.test_train import run_train
         (["trainer.precision=13"], r"trainer.precision=13 is refused: trainer.precision \(a parameter of lightning.pytorch.Trainer\) "
                                    r"takes 64, 32, 16, .*bf16-mixed"),
         (["data.batch_size=abc"], r"data.batch_size='abc' is refused: data.batch_size \(a parameter of "
-                                  r"shakespeare.data.ShakespeareDataModule\) takes a whole number, e.g. data.batch_size=1024."),
+                                  r"shakespeare.data.datamodule.ShakespeareDataModule\) takes a whole number, e.g. data.batch_size=1024."),
         (["model=multihead", "model.num_heads=4.5"], r"model.num_heads=4.5 is refused: .* takes a whole number"),
         (["trainer.max_epochs=ten"], r"trainer.max_epochs='ten' is refused: .* takes a whole number or null"),
         (["+trainer.max_epoch=3"], r"trainer.max_epoch is not a setting of lightning.pytorch.Trainer"),
@@ -117,7 +117,7 @@ def test_resuming_a_finished_run_says_how_to_train_longer(tiny_cfg):
     "content, message",
     [
         (None, r"ckpt_path='.*missing.ckpt' does not exist"),
-        (b"not a checkpoint", r"cannot be resumed: it is cut short or not a checkpoint at all \(no complete zip archive\)"),
+        (b"not a checkpoint", r"cannot be resumed: it is cut short or not a PyTorch checkpoint at all \(checkpoints are complete zip archives\)"),
     ],
 )
 def test_bad_checkpoint_files_are_named(content, message, tiny_cfg, tmp_path):

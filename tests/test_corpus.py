@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from shakespeare import token_cache
-from shakespeare.corpus import fetch_corpus, unpack
+from shakespeare.data import token_cache
+from shakespeare.data.corpus import fetch_corpus, unpack
 from shakespeare.errors import UsageError
-from shakespeare.token_cache import load_tokens
+from shakespeare.data.token_cache import load_tokens
 from shakespeare.tokenizer import CharTokenizer
 from omegaconf import DictConfig, OmegaConf
 
-from shakespeare.composition import CONFIG_DIR
+from shakespeare.run.composition import CONFIG_DIR
 from tests.conftest import compose_train
 
 TEXT8_LIKE = " ".join("anarchism originated as a term of abuse first used against early working class".split() * 40).encode()
@@ -165,7 +165,7 @@ def data_config(name: str) -> DictConfig:
 
 
 def test_a_cached_corpus_needs_neither_its_text_nor_the_network(tmp_path, corpus):
-    from shakespeare.data import ShakespeareDataModule
+    from shakespeare.data.datamodule import ShakespeareDataModule
 
     settings = dict(url=corpus.as_uri(), sha256=sha256(corpus.read_bytes()), file="tiny.txt", cache_dir=str(tmp_path))
     first = ShakespeareDataModule(**settings)
@@ -336,10 +336,10 @@ TINY_RUN = ["model=bigram", "data.batch_size=64", "trainer.max_epochs=2", "train
 def test_text8_trains_then_tests_best_ckpt_and_every_record_shows_bits_per_character(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from shakespeare.cli import fit
-    from shakespeare.data import ShakespeareDataModule
-    from shakespeare.loading import load_generator
-    from shakespeare.report import main as report
+    from shakespeare.cli.train import fit
+    from shakespeare.data.datamodule import ShakespeareDataModule
+    from shakespeare.model.loading import load_generator
+    from shakespeare.report.__main__ import main as report
 
     cfg = compose_train(tmp_path / "run", ["data=text8", f"data.path={text8_like(tmp_path / 'text8')}", *TINY_RUN])
     metrics = fit(cfg)
@@ -374,8 +374,8 @@ def test_text8_trains_then_tests_best_ckpt_and_every_record_shows_bits_per_chara
 
 @pytest.mark.slow
 def test_a_byte_level_model_trains_on_any_file_and_generates_text(tmp_path):
-    from shakespeare.cli import fit
-    from shakespeare.generation import write_samples
+    from shakespeare.cli.train import fit
+    from shakespeare.cli.generate import write_samples
     from shakespeare.tokenizer import BYTE_VOCABULARY, printable
     from tests.test_generate import compose_generate
 

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from shakespeare import cpu
-from shakespeare.cli import fit
-from shakespeare.cpu import keep_freed_memory, set_threads
+from shakespeare.run import host as cpu
+from shakespeare.cli.train import fit
+from shakespeare.run.host import keep_freed_memory, set_threads
 from shakespeare.errors import UsageError
 from tests.conftest import compose_train
 
@@ -63,7 +63,7 @@ def test_big_blocks_are_reused_without_page_faults():
 def test_cpu_speedrun_validates_at_its_last_step(tiny_cfg):
     cfg = tiny_cfg("experiment=cpu_speedrun", "trainer.max_steps=4", "trainer.val_check_interval=2", "data.batch_size=8")
     metrics = fit(cfg)
-    assert cfg.model.qk_norm and cfg.model.norm == "layer" and cfg.optimizer._target_ == "shakespeare.muon.MuonAdamW"
+    assert cfg.model.qk_norm and cfg.model.norm == "layer" and cfg.optimizer._target_ == "shakespeare.training.muon.MuonAdamW"
     assert cfg.model.fused_attention and cfg.model.attention_dropout is None and cfg.model.dropout == 0.0
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
 

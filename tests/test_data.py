@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from shakespeare import data
-from shakespeare.data import FeistelPermutation, ShakespeareDataModule, SlidingWindows
+from shakespeare.data import windows
+from shakespeare.data.datamodule import ShakespeareDataModule
+from shakespeare.data.windows import FeistelPermutation, SlidingWindows
 from shakespeare.errors import UsageError
 from shakespeare.tokenizer import BYTE_VOCABULARY, PAD, ByteTokenizer, CharTokenizer, tokenizer_for
 from tests.conftest import REAL_CORPUS, WITHOUT_CORPUS
@@ -53,7 +54,7 @@ def test_tinyshakespeare_has_the_logs_66_ids(tmp_path):
 def shuffle_kind(request, monkeypatch):
     """Each shuffle test runs with randperm's table (small texts) and with the Feistel permutation (big ones)."""
     if request.param == "feistel":
-        monkeypatch.setattr(data, "TABLE_LIMIT", 0)
+        monkeypatch.setattr(windows, "TABLE_LIMIT", 0)
     return request.param
 
 

@@ -20,12 +20,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from shakespeare.checkpoints import LAST, PREVIOUS, AtomicCheckpointIO, CheckpointWriteError
-from shakespeare.cli import fit
-from shakespeare.data import ShakespeareDataModule
+from shakespeare.run.checkpoints import LAST, PREVIOUS, AtomicCheckpointIO, CheckpointWriteError
+from shakespeare.cli.train import fit
+from shakespeare.data.datamodule import ShakespeareDataModule
 from shakespeare.errors import UsageError
-from shakespeare.faults import patiently
-from shakespeare.report import main as report_main
+from shakespeare.internals import patiently
+from shakespeare.report.__main__ import main as report_main
 from tests.conftest import ROOT, compose_train, write_corpus
 from tests.test_interruption import assert_same_run, start_train, wait_for
 
@@ -322,7 +322,7 @@ def start_at_once(args: list[str], cwd: Path) -> None:
     """In a forked child: `python train.py *args` in `cwd` (Hydra's own entry point), exit with its status."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from shakespeare.cli import train
+    from shakespeare.cli.train import train
 
     os.chdir(cwd)
     GlobalHydra.instance().clear()

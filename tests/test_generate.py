@@ -17,11 +17,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from shakespeare.callbacks import GenerationSample
-from shakespeare.loading import load_generator
-from shakespeare.cli import fit
-from shakespeare.composition import CONFIG_DIR
-from shakespeare.generation import write_samples
+from shakespeare.training.callbacks import GenerationSample
+from shakespeare.model.loading import load_generator
+from shakespeare.cli.train import fit
+from shakespeare.run.composition import CONFIG_DIR
+from shakespeare.cli.generate import write_samples
 from shakespeare.errors import UsageError
 from shakespeare.tokenizer import PAD
 from tests.conftest import ROOT, compose_train, write_corpus
@@ -116,22 +116,22 @@ def test_bad_checkpoints_are_named_with_what_was_expected(run, tmp_path):
         load_generator(tmp_path)
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(run.best.read_bytes()[:5000])
-    with pytest.raises(UsageError, match=r"truncated.ckpt' is not a PyTorch checkpoint: it is truncated"):
+    with pytest.raises(UsageError, match=r"truncated.ckpt' cannot be read: it is cut short or not a PyTorch checkpoint at all"):
         load_generator(truncated)
     (tmp_path / "text.ckpt").write_text("ROMEO: not a checkpoint")
-    with pytest.raises(UsageError, match=r"text.ckpt' is not a PyTorch checkpoint"):
+    with pytest.raises(UsageError, match=r"text.ckpt' cannot be read: it is cut short or not a PyTorch checkpoint"):
         load_generator(tmp_path / "text.ckpt")
     damaged = tmp_path / "damaged.ckpt"
     with zipfile.ZipFile(run.best) as source, zipfile.ZipFile(damaged, "w") as target:
         for item in source.infolist():  # a valid zip whose tensor data is cut short
             target.writestr(item, source.read(item)[:7] if "/data/" in item.filename else source.read(item))
-    with pytest.raises(UsageError, match=r"damaged.ckpt' is not a readable PyTorch checkpoint: it is damaged"):
+    with pytest.raises(UsageError, match=r"damaged.ckpt' cannot be read: torch cannot read its records: it is damaged or truncated"):
         load_generator(damaged)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.ckpt")
     with pytest.raises(UsageError, match=r"other.ckpt' is a PyTorch file but not a checkpoint of this project"):
         load_generator(tmp_path / "other.ckpt")
     torch.save({"object": Foreign()}, tmp_path / "pickled.ckpt")
-    with pytest.raises(UsageError, match=r"pickled.ckpt' holds Python objects \(tests.test_generate.Foreign\)"):
+    with pytest.raises(UsageError, match=r"pickled.ckpt' cannot be read: it holds Python objects \(tests.test_generate.Foreign\)"):
         load_generator(tmp_path / "pickled.ckpt")
     checkpoint = torch.load(run.best, weights_only=True)
     checkpoint["hyper_parameters"]["model"]["embedding_size"] *= 2
@@ -180,7 +180,7 @@ def test_generate_cli_end_to_end(run, tmp_path):
 def control_character_writer(path: Path) -> Path:
     """A byte-level bigram whose every step writes a control byte (ESC, SO, NUL, BEL, DEL), newline, tab or the
     first byte of U+009B (C1), which it always completes: a checkpoint as train.py writes one."""
-    from shakespeare.model import GeneratorConfig, ShakespeareGenerator
+    from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
     from shakespeare.tokenizer import BYTE_VOCABULARY
 
     model = ShakespeareGenerator(GeneratorConfig(vocab_size=len(BYTE_VOCABULARY), sequence_length=8))
@@ -231,9 +231,9 @@ def test_ckpt_path_last_writes_with_the_newest_runs_best_checkpoint(run, tmp_pat
         shutil.copy(run.best, best)
         os.utime(best, (when, when))
     newest = outputs / "multiruns/2026-01-02/09-00-00-000000/0_new/checkpoints/best.ckpt"
-    from shakespeare.loading import resolve_checkpoint
+    from shakespeare.cli.generate import checkpoint_of
 
-    assert resolve_checkpoint("last", outputs) == newest
+    assert checkpoint_of("last", outputs) == newest
     assert len(write_samples(compose_generate("ckpt_path=last", f"log_dir={outputs}", "max_new_tokens=7"), io.StringIO())[0]) == 7
     with pytest.raises(UsageError, match=r"ckpt_path=last found no run to write with: .*Train one first"):
         write_samples(compose_generate("ckpt_path=last", f"log_dir={tmp_path / 'none'}"), io.StringIO())

@@ -12,18 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from shakespeare.cli import fit
-from shakespeare.inspection import (
-    LOSS_BY_POSITION,
-    LossByPosition,
-    attention_layers,
-    attention_maps,
-    held_out_passage,
-    position_tags,
-    token_label,
-)
-from shakespeare.model import GeneratorConfig, ShakespeareGenerator
-from shakespeare.sampling import fuse_heads
+from shakespeare.cli.train import fit
+from shakespeare.training.inspection import LOSS_BY_POSITION, LossByPosition, attention_layers, attention_maps, held_out_passage, position_tags, token_label
+from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
+from shakespeare.model.sampling import fuse_heads
 from shakespeare.tokenizer import ByteTokenizer, CharTokenizer
 from tests.test_research_log import tensorboard
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from shakespeare.checkpoints import AtomicCheckpointIO
-from shakespeare.cli import fit
-from shakespeare.data import SlidingWindows
+from shakespeare.run.checkpoints import AtomicCheckpointIO
+from shakespeare.cli.train import fit
+from shakespeare.data.windows import SlidingWindows
 from shakespeare.errors import Interrupted, UsageError
-from shakespeare.report import load_runs
+from shakespeare.report.runs import load_runs
 from tests.conftest import ROOT, compose_train, write_corpus
 
 # 3 epochs of 6 steps with dropout (so the random state matters), last.ckpt every 4 steps

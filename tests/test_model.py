@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from shakespeare.errors import UsageError
-from shakespeare.model import GeneratorConfig, ReLUSquared, Rotary, ShakespeareGenerator
+from shakespeare.model.generator import GeneratorConfig, ReLUSquared, Rotary, ShakespeareGenerator
 from tests.conftest import compose_train
 
 # The trees printed in the research log, verbatim (vocabulary of 66, sequence length 8).

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 
 import lightning as L
 import pytest
 
-import shakespeare.cli as cli
+import shakespeare.cli.train as cli
 from shakespeare.errors import UsageError
-from shakespeare.module import ShakespeareModule
+from shakespeare.training.module import ShakespeareModule
 
 
 class Recorder(L.Callback):
@@ -45,7 +44,7 @@ def test_each_lines_train_loss_is_the_mean_of_its_steps_and_steps_are_logged_at_
 
 
 def test_warmup_cosine_rises_then_decays_to_the_floor():
-    from shakespeare.module import warmup_cosine
+    from shakespeare.training.module import warmup_cosine
 
     factors = [warmup_cosine(step, total_steps=110, warmup_steps=10, min_lr_factor=0.1) for step in range(120)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
@@ -54,7 +53,7 @@ def test_warmup_cosine_rises_then_decays_to_the_floor():
 
 
 def test_scheduler_steps_the_learning_rate_every_step(tiny_cfg, monkeypatch):
-    from shakespeare.module import warmup_cosine
+    from shakespeare.training.module import warmup_cosine
 
     cfg = tiny_cfg("optimizer=adamw", "scheduler=warmup_cosine", "scheduler.warmup_steps=2", "trainer.max_steps=6",
                    "trainer.limit_train_batches=10", "trainer.gradient_clip_val=1.0")

@@ -7,12 +7,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from shakespeare.cli import fit
+from shakespeare.cli.train import fit
 from shakespeare.errors import Interrupted
-from shakespeare.loading import load_generator
-from shakespeare.model import GeneratorConfig, ShakespeareGenerator
-from shakespeare.muon import MuonAdamW
-from shakespeare.sampling import sample
+from shakespeare.model.loading import load_generator
+from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
+from shakespeare.training.muon import MuonAdamW
+from shakespeare.model.sampling import sample
 from tests.conftest import compose_train
 
 
@@ -78,7 +78,7 @@ def test_a_muon_run_checkpoints_plain_data_and_resumes_exactly(tmp_path, corpus)
 def test_cpu_orthogonalisation_is_torchs_iteration_in_float32():
     import torch.optim._muon as torch_muon
 
-    from shakespeare.muon import BFLOAT16_NEWTON_SCHULZ, newton_schulz
+    from shakespeare.training.muon import BFLOAT16_NEWTON_SCHULZ, newton_schulz
 
     grad = torch.randn(96, 32)
     ours = newton_schulz(grad, (3.4445, -4.775, 2.0315), 5, 1e-7)

@@ -39,7 +39,7 @@ def test_help_names_the_command_and_every_rung_with_what_it_adds(tmp_path):
 
 
 def test_the_readme_numbers_the_ladder_as_help_does(tmp_path):
-    from shakespeare.config import rung_help
+    from shakespeare.run.checks import rung_help
 
     helped = re.findall(r"^ +(\d+)  (\S+)", rung_help(), re.M)
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -48,7 +48,7 @@ def test_the_readme_numbers_the_ladder_as_help_does(tmp_path):
 
 
 def test_the_readmes_epoch_lines_are_the_ones_a_run_prints():
-    from shakespeare.callbacks import epoch_line
+    from shakespeare.training.lines import epoch_line
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     shown = re.findall(r"^(?:\d+/\d+|step) .*?Train loss.*$", readme, re.M)
@@ -73,7 +73,7 @@ def test_help_of_both_commands(script, first, groups, tmp_path):
 
 
 def test_the_ladder_lists_every_rung_each_after_the_one_it_extends():
-    from shakespeare.config import LADDER, ladder_position
+    from shakespeare.run.checks import LADDER, ladder_position
 
     models = sorted(path.stem for path in (ROOT / "conf" / "model").glob("*.yaml"))
     assert sorted(set(LADDER) & set(models)) == models  # every model config is a rung of it

@@ -15,10 +15,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from shakespeare.cli import fit
-from shakespeare.composition import CONFIG_DIR
-from shakespeare.callbacks import ELAPSED
-from shakespeare.report import Run, labels, load_runs, main, samples_section, validation_curves, write_figures
+from shakespeare.cli.train import fit
+from shakespeare.run.composition import CONFIG_DIR
+from shakespeare.training.lines import ELAPSED
+from shakespeare.report.__main__ import main
+from shakespeare.report.figures import labels, validation_curves, write_figures
+from shakespeare.report.runs import Run, load_runs
+from shakespeare.report.samples import samples_section
 from tests.conftest import ROOT, compose_train, write_corpus
 from tests.test_train import RUNGS
 
@@ -187,7 +190,7 @@ def composed(*overrides: str) -> dict:
     (["experiment=ladder", "model=bigram", "data=text8"], False),  # another corpus
 ])
 def test_the_logs_eval_loss_stands_only_beside_runs_at_its_settings(overrides, shown):
-    from shakespeare.report import markdown_table
+    from shakespeare.report.tables import markdown_table
 
     run = Run(path=Path("run"), name="run", config=composed(*overrides), scalars={"val/loss": [(1, 0.0, 2.0)]})
     log_column = markdown_table([run]).splitlines()[2].split(" | ")[5]
@@ -221,7 +224,7 @@ def test_runs_that_would_share_a_legend_label_are_told_apart():
 def test_report_samples_on_one_thread_and_says_which_run_it_samples(runs, monkeypatch, capsys):
     import torch
 
-    import shakespeare.sampling as sampling
+    import shakespeare.model.sampling as sampling
 
     threads, real = [], sampling.sample
     monkeypatch.setattr(sampling, "sample", lambda *a, **k: threads.append(torch.get_num_threads()) or real(*a, **k))

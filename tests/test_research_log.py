@@ -19,10 +19,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from shakespeare.callbacks import TOKENS_PER_SECOND, ResearchLog, epoch_line
-from shakespeare.cli import fit, hyperparameters
+from shakespeare.training.lines import TOKENS_PER_SECOND, ResearchLog, epoch_line
+from shakespeare.cli.train import fit, hyperparameters
 from shakespeare.errors import Interrupted
-from shakespeare.module import BEST_VAL_LOSS, TRAIN_LOSS
+from shakespeare.training.module import BEST_VAL_LOSS, TRAIN_LOSS
 
 
 class FailAtEpoch(L.Callback):

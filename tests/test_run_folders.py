@@ -13,11 +13,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from shakespeare.cli import fit
-from shakespeare.composition import CONFIG_DIR
-from shakespeare.generation import write_samples
-from shakespeare.report import load_runs, markdown_table
-from shakespeare.run_folder import folder_name, unescaped
+from shakespeare.cli.train import fit
+from shakespeare.run.composition import CONFIG_DIR
+from shakespeare.cli.generate import write_samples
+from shakespeare.report.runs import load_runs
+from shakespeare.report.tables import markdown_table
+from shakespeare.run.folders import folder_name, unescaped
 from tests.conftest import ROOT, compose_train
 from tests.test_train import run_train
 

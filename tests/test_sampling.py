@@ -7,8 +7,9 @@ import torch
 from omegaconf import OmegaConf
 
 from shakespeare.errors import UsageError
-from shakespeare.model import GeneratorConfig, ShakespeareGenerator
-from shakespeare.sampling import NextCharacter, SlidingWindow, next_character_reader, sample, stream
+from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
+from shakespeare.model.sampling import NextCharacter, next_character_reader, sample, stream
+from shakespeare.model.sliding_window import SlidingWindow
 from shakespeare.tokenizer import PAD, CharTokenizer
 from tests.conftest import compose_train
 

@@ -14,10 +14,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from shakespeare.cli import fit
+from shakespeare.cli.train import fit
 from shakespeare.errors import UsageError
-from shakespeare.model import GeneratorConfig
-from shakespeare.module import ShakespeareModule
+from shakespeare.model.generator import GeneratorConfig
+from shakespeare.training.module import ShakespeareModule
 from tests.conftest import compose_train
 from tests.test_train import run_train
 

@@ -13,13 +13,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from shakespeare.config import BUILDERS, TYPES, rungs
+from shakespeare.run.checks import BUILDERS, TYPES, rungs
 from shakespeare.errors import UsageError
-from shakespeare.composition import CONFIG_DIR
-from shakespeare.generation import SETTINGS
-from shakespeare.memory import check_memory, step_memory
-from shakespeare.model import GeneratorConfig
-from shakespeare.schema import check_values
+from shakespeare.run.composition import CONFIG_DIR
+from shakespeare.cli.generate import SETTINGS
+from shakespeare.model.memory import check_memory, step_memory
+from shakespeare.model.generator import GeneratorConfig
+from shakespeare.run.schema import check_values
 from tests.conftest import compose_train
 
 # the configs whose keys are checked: the default and the groups that bring keys of their own
@@ -96,7 +96,7 @@ def test_a_value_of_the_wrong_type_is_refused_naming_the_key(name, key):
 
 def test_a_key_nothing_takes_is_refused_naming_what_it_was_given_to():
     values = CONFIGS["default"]
-    with pytest.raises(UsageError, match=r"^data.batchsize is not a setting of shakespeare.data.ShakespeareDataModule"):
+    with pytest.raises(UsageError, match=r"^data.batchsize is not a setting of shakespeare.data.datamodule.ShakespeareDataModule"):
         check("default", put(values, "data.batchsize", 32))
     with pytest.raises(UsageError, match=r"^checkpoint.every is not a setting of this project"):
         check("default", put(values, "checkpoint.every", 32))

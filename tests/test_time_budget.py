@@ -18,10 +18,11 @@ import torch
 
 from omegaconf import OmegaConf
 
-import shakespeare.cli as cli
+import shakespeare.cli.train as cli
 from shakespeare.errors import Interrupted, UsageError
-from shakespeare.module import warmup_cosine
-from shakespeare.report import Run, budget_table
+from shakespeare.training.module import warmup_cosine
+from shakespeare.report.runs import Run
+from shakespeare.report.tables import budget_table
 from tests.conftest import compose_train
 
 BUDGET = 10  # seconds of fake time: ten training steps

@@ -13,8 +13,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from shakespeare.cli import check_accelerator, fit
-from shakespeare.composition import CONFIG_DIR
+from shakespeare.cli.train import fit
+from shakespeare.run.checks import check_accelerator
+from shakespeare.run.composition import CONFIG_DIR
 from shakespeare.errors import UsageError
 from tests.conftest import ROOT, compose_train, write_corpus
 

@@ -8,17 +8,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Literal, TextIO
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from shakespeare.composition import CONFIG_DIR, explained_composition
-from shakespeare.loading import load_generator
+from shakespeare.run.composition import CONFIG_DIR, explained_composition
+from shakespeare.model.loading import BEST, EXAMPLE, load_generator
 from shakespeare.errors import UsageError
-from shakespeare.sampling import check_options, stream
-from shakespeare.schema import check_types
+from shakespeare.model.sampling import check_options, stream
+from shakespeare.run.folders import newest_run
+from shakespeare.run.schema import check_types
 from shakespeare.tokenizer import printable
 
 log = logging.getLogger("shakespeare")
@@ -51,6 +53,20 @@ SETTINGS = {
 }
 
 
+def checkpoint_of(ckpt_path: str, log_dir: str) -> str | Path:
+    """What `ckpt_path` names: a checkpoint or run folder as given; `last`: the best.ckpt of the newest run under
+    `log_dir` (a run, or a sweep's job)."""
+    if ckpt_path != "last":
+        return ckpt_path
+    run = newest_run(log_dir, BEST.name)
+    if run is None:
+        raise UsageError(
+            f"ckpt_path=last found no run to write with: no {Path(log_dir) / '<date>/<time>_<rung>'}/{BEST}. "
+            f"Train one first (python train.py), or pass a run folder or a checkpoint such as {EXAMPLE}."
+        )
+    return run / BEST
+
+
 def write_samples(cfg: DictConfig, out: TextIO = sys.stdout) -> list[str]:
     """Sample from `cfg.ckpt_path` as `cfg` describes, streaming the text to `out`; returns the samples."""
     check_types(cfg, SETTINGS)
@@ -67,7 +83,7 @@ def write_samples(cfg: DictConfig, out: TextIO = sys.stdout) -> list[str]:
     if threads is not None:
         torch.set_num_threads(threads)
     device = check_device(cfg.device)
-    model, tokenizer = load_generator(cfg.ckpt_path, map_location=device, log_dir=cfg.log_dir)
+    model, tokenizer = load_generator(checkpoint_of(cfg.ckpt_path, cfg.log_dir), map_location=device)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed) if cfg.seed is not None else generator.seed()
     prompt = "" if cfg.prompt is None else str(cfg.prompt).replace("\\n", "\n")  # a typed \n is a line break

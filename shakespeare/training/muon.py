@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.optim._muon as torch_muon
 from torch import nn
 
-BFLOAT16_NEWTON_SCHULZ = torch_muon._zeropower_via_newtonschulz
+from shakespeare import internals
+
+BFLOAT16_NEWTON_SCHULZ = internals.torch_newton_schulz()
 
 
 def newton_schulz(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float) -> torch.Tensor:
@@ -77,12 +78,9 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        torch_muon._zeropower_via_newtonschulz = newton_schulz
-        try:
+        with internals.newton_schulz(newton_schulz):
             for part in self.parts.values():
                 part.step()
-        finally:
-            torch_muon._zeropower_via_newtonschulz = BFLOAT16_NEWTON_SCHULZ
         return loss
 
     def state_dict(self) -> dict:

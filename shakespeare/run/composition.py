@@ -20,7 +20,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # shakespeare/run/ -> the checkout
 OmegaConf.register_new_resolver("documented", lambda name: documented(name), use_cache=True, replace=True)  # --help
 MOVED = {"trainer.threads": "host.threads", "trainer.collective_timeout": "host.collective_timeout"}
 

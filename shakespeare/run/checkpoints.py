@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import shlex
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,10 @@ from hydra.types import RunMode
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from shakespeare.config import run_overrides, time_budget
+from shakespeare.run.checks import time_budget
 from shakespeare.errors import Fault, UsageError
-from shakespeare.run_folder import newest_run, unescaped
+from shakespeare.model.loading import Unreadable, load_verified
+from shakespeare.run.folders import newest_run, unescaped
 
 LAST = "last.ckpt"
 PREVIOUS = "last.prev.ckpt"  # the last.ckpt before the current one, kept in case the current one rots
@@ -159,22 +159,6 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: str, log_dir: str) -> P
     return path / "checkpoints" / LAST if path.is_dir() else path
 
 
-def load_verified(path: Path) -> Any:
-    """torch.load of a checkpoint after checking its zip records' checksums, which torch.load does not do:
-    a flipped bit in the weights would otherwise load as a wrong number."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except zipfile.BadZipFile:
-        raise ValueError("it is cut short or not a checkpoint at all (no complete zip archive)") from None
-    if damaged is not None:
-        raise ValueError(f"its contents are damaged (the checksum of {damaged} does not match: bit rot or a bad copy)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, or not plain data
-        raise ValueError(f"it is not a file written by train.py ({type(err).__name__})") from None
-
-
 def newest_readable(folder: Path, but: Path) -> tuple[Path, int] | None:
     """The readable training checkpoint in `folder` (other than `but`) with the most steps, and its step."""
     found = []
@@ -183,7 +167,7 @@ def newest_readable(folder: Path, but: Path) -> tuple[Path, int] | None:
             continue
         try:
             checkpoint = load_verified(candidate)
-        except (ValueError, OSError):
+        except Unreadable:
             continue
         if isinstance(checkpoint, dict) and "loops" in checkpoint:
             found.append((checkpoint["global_step"], candidate.name == PREVIOUS, candidate))
@@ -193,9 +177,9 @@ def newest_readable(folder: Path, but: Path) -> tuple[Path, int] | None:
     return path, step
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint's plain data, or explain in one paragraph why `path` is not one (and, for a
-    damaged checkpoint of a run, which of the run's checkpoints can be resumed instead)."""
+def load_training_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint to resume (weights, optimizer and trainer state), or why `path` is not one in one paragraph
+    (and, for a damaged checkpoint of a run, which of the run's checkpoints can be resumed instead)."""
     if not path.is_file():
         raise UsageError(
             f"ckpt_path: {str(path)!r} does not exist (a run folder with nothing to resume, or a mistyped path). "
@@ -203,7 +187,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         )
     try:
         checkpoint = load_verified(path)
-    except ValueError as err:
+    except Unreadable as err:
         raise UsageError(f"ckpt_path: {str(path)!r} cannot be resumed: {err}. {instead(path)}") from None
     if not isinstance(checkpoint, dict) or "loops" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise UsageError(
@@ -226,10 +210,12 @@ def instead(path: Path) -> str:
     return f"The newest readable checkpoint of this run is {other_path} (step {step}); resume from it: {command}"
 
 
+# classes that moved since older checkpoints were written: their hyperparameters name them where they were
+MOVED_TARGETS = {"shakespeare.muon.MuonAdamW": "shakespeare.training.muon.MuonAdamW"}
 TRAINING_DATA_KEYS = ("sequence_length", "batch_size", "stride", "split", "val_fraction", "test_fraction", "unit", "seed")
 
 
-def plain(node: DictConfig | None) -> dict[str, Any]:
+def as_dict(node: DictConfig | None) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True) if node is not None else {}
 
 
@@ -250,11 +236,14 @@ def resume_command(overrides: list[str], ckpt_path: str | Path) -> str:
 def check_resumable(checkpoint: dict[str, Any], path: Path, cfg: DictConfig, vocabulary: list[str]) -> None:
     """Refuse to resume a checkpoint under a config it was not trained with, or one with nothing left to do."""
     hparams, data = checkpoint["hyper_parameters"], checkpoint.get("datamodule_hyper_parameters", {})
-    wanted_data = plain(cfg.data)
+    optimizer = dict(hparams.get("optimizer", {}))
+    if optimizer.get("_target_") in MOVED_TARGETS:
+        optimizer["_target_"] = MOVED_TARGETS[optimizer["_target_"]]
+    wanted_data = as_dict(cfg.data)
     changed = [
-        *differences(hparams.get("model", {}), plain(cfg.model), "model"),
-        *differences(hparams.get("optimizer", {}), plain(cfg.optimizer), "optimizer"),
-        *differences(hparams.get("scheduler") or {}, plain(cfg.get("scheduler")), "scheduler"),
+        *differences(hparams.get("model", {}), as_dict(cfg.model), "model"),
+        *differences(optimizer, as_dict(cfg.optimizer), "optimizer"),
+        *differences(hparams.get("scheduler") or {}, as_dict(cfg.get("scheduler")), "scheduler"),
         *differences(
             {k: data[k] for k in TRAINING_DATA_KEYS if k in data},
             {k: wanted_data.get(k) for k in TRAINING_DATA_KEYS if k in data},

@@ -26,15 +26,21 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig
 
-from shakespeare.callbacks import ResearchLog
-from shakespeare.checkpoints import AUTO, LAST, CheckpointWriteError, find_run, resume_command
-from shakespeare.config import run_overrides
+from shakespeare.training.lines import ResearchLog
+from shakespeare.run.checkpoints import AUTO, LAST, CheckpointWriteError, find_run, resume_command
+from shakespeare.run.checks import run_overrides
 from shakespeare.errors import Fault, Interrupted, UsageError, speaks
+from shakespeare.internals import (
+    cluster_environment,
+    delay_child_observer,
+    set_collective_timeout,
+    starts_processes_by_rerunning,
+    stop_after_this_step,
+)
 
 log = logging.getLogger("shakespeare")
 
@@ -59,7 +65,7 @@ def agree(trainer: L.Trainer, value: int) -> int:
 def requeue_signal(trainer: L.Trainer) -> signal.Signals | None:
     """The signal SLURM sends before the time limit, when Lightning detected SLURM with auto-requeue on
     (its default; `SLURMEnvironment(requeue_signal=...)` picks the signal, SIGUSR1 unless told)."""
-    environment = trainer._accelerator_connector.cluster_environment  # also one process's (SingleDeviceStrategy)
+    environment = cluster_environment(trainer)
     if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
         return signal.Signals(environment.requeue_signal or signal.SIGUSR1)
     return None
@@ -113,7 +119,7 @@ class InterruptCheckpoint(Checkpoint):
 
     def _stop(self, trainer: L.Trainer, code: int) -> None:
         self.signal = STOP_SIGNALS[code - 1].name
-        trainer._signal_connector.received_sigterm = True  # Lightning's own stop after the step in flight
+        stop_after_this_step(trainer)
 
     def _agree(self, trainer: L.Trainer) -> None:
         if self.signal is None and self._trainer is not None and distributed(trainer):
@@ -207,26 +213,6 @@ def lost_ranks(rank: int, world_size: int) -> list[int]:
     return [r for r in range(world_size) if r != rank and after[r] == before[r]]
 
 
-def delay_child_observer(grace: float) -> None:
-    """Lightning's DDP launcher SIGKILLs every process 5 s after one it started exits with an error,
-    before the survivor could save, name the lost process or say how to resume. Give the survivor `grace`
-    seconds first (the observer still cleans up after a survivor that hangs)."""
-    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-
-    for thread in threading.enumerate():
-        if isinstance(thread, _ChildProcessObserver) and not getattr(thread, "_patient", False):
-            thread._run, thread._patient = patiently(thread, thread._run, grace), True
-
-
-def patiently(thread: Any, run: Any, grace: float) -> Any:
-    def patient_run() -> bool:
-        if any(proc.poll() for proc in thread._child_processes):  # one ended with an error
-            time.sleep(grace)  # this process says what happened and exits, or the observer ends it after all
-        return run()
-
-    return patient_run
-
-
 class LostRankWatch(L.Callback):
     """Names the process a run of several lost, within `collective_timeout` seconds.
 
@@ -252,7 +238,7 @@ class LostRankWatch(L.Callback):
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         if distributed(trainer) and self._heartbeat is None and "MASTER_ADDR" in os.environ:
             # once every process has joined (joining keeps Lightning's and torch's limits: processes start slowly)
-            dist.distributed_c10d._set_pg_timeout(timedelta(seconds=self.collective_timeout))
+            set_collective_timeout(self.collective_timeout)
             self._heartbeat = Heartbeat(trainer.global_rank)
             self._heartbeat.start()
             delay_child_observer(self.collective_timeout + 30)
@@ -419,6 +405,6 @@ def explained(trainer: L.Trainer, cfg: DictConfig) -> Iterator[None]:
         elif (fault := restart_failed(err)) is None:
             raise
         mark_research_log(trainer, "failed", str(fault))
-        if isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):  # those waiting for this one
+        if starts_processes_by_rerunning(trainer):  # those waiting for this one
             trainer.strategy.launcher.kill(signal.SIGKILL)
         raise fault from None

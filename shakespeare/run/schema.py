@@ -20,7 +20,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from shakespeare.composition import nearest
+from shakespeare.run.composition import nearest
 from shakespeare.errors import UsageError
 
 # what a YAML value can be; other classes in a signature (Tensor, Accelerator, timedelta) are for Python callers
@@ -112,7 +112,7 @@ def configurable(kind: Any) -> bool:
     return origin is not None or kind in PLAIN or (isinstance(kind, type) and issubclass(kind, os.PathLike))
 
 
-def plain(cfg: DictConfig, key: str) -> Any:
+def resolved(cfg: DictConfig, key: str) -> Any:
     """`cfg[key]` resolved as plain Python values."""
     value = cfg[key]
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
@@ -147,7 +147,7 @@ def check_types(cfg: DictConfig, table: Mapping[str, Any], builders: Mapping[str
     """Raise UsageError for the first key of `cfg` (Hydra's own `hydra` node aside) whose value has the wrong
     type, or that nothing takes (see `check_values`)."""
     try:
-        values = {key: plain(cfg, key) for key in cfg if key != "hydra"}
+        values = {key: resolved(cfg, key) for key in cfg if key != "hydra"}
     except OmegaConfBaseException as err:
         raise UsageError(f"{err.full_key}: {str(err).splitlines()[0]}. Check that value's interpolation.") from None
     check_values(values, table, builders)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from shakespeare.errors import UsageError
-from shakespeare.model import GeneratorConfig, ShakespeareGenerator
+from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
 
 GiB = 2**30
 KEPT_FACTOR = 3  # a step's peak over the tensors kept for the backward pass (measured: 1.5-3x)

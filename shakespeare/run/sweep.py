@@ -9,23 +9,23 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from shakespeare.errors import EXPLAINED
-from shakespeare.run_folder import next_steps, unescaped
+from shakespeare.internals import LAUNCHER_LOGGERS
+from shakespeare.run.folders import next_steps, unescaped
 
 log = logging.getLogger("shakespeare")
 
 FAILURE = "failure.txt"
-# the launchers' loggers, which list each job's overrides as Hydra writes them (`#0 : trainer.max_time=00\:00\:30`)
-LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher._core",
-                    "hydra_plugins.hydra_submitit_launcher.submitit_launcher")
 JOB_LINE = re.compile(r"^(\t#\d+ : )(.*)$", re.S)
 
 
 class TypedOverrides(logging.Filter):
-    """Shows the sweep log's job lines with each override as the user typed it, without Hydra's escapes."""
+    r"""Shows the sweep log's job lines (`#0 : trainer.max_time=00\:00\:30`) with each override as the user typed
+    it, without Hydra's escapes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and not record.args and (line := JOB_LINE.match(record.msg)):
@@ -64,3 +64,8 @@ class SweepSummary(Callback):
             lines.append(f"  {failure.parent}: {failure.read_text(encoding='utf-8').strip()}")
         log.error("\n".join(lines))
         sys.exit(1)
+
+
+def sweeping() -> bool:
+    """Whether this process runs a job of a `-m` sweep."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

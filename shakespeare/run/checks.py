@@ -21,18 +21,19 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from shakespeare.composition import CONFIG_DIR, nearest
-from shakespeare.data import ShakespeareDataModule
+from shakespeare.run.composition import CONFIG_DIR, nearest
+from shakespeare.data.datamodule import ShakespeareDataModule
 from shakespeare.errors import UsageError
-from shakespeare.memory import check_memory
-from shakespeare.model import GeneratorConfig
-from shakespeare.module import warmup_cosine
-from shakespeare.run_folder import unescaped
-from shakespeare.schema import check_types
+from shakespeare.model.memory import check_memory
+from shakespeare.model.generator import GeneratorConfig
+from shakespeare.training.module import warmup_cosine
+from shakespeare.run.folders import unescaped
+from shakespeare.run.schema import check_types
 
 
 
@@ -54,11 +55,27 @@ TYPES = {
     "paths.log_dir": str,
     "paths.output_dir": str,
     "paths.cache_dir": str,
-    "host.threads": int | Literal["auto"] | None,  # torch's threads (shakespeare.cpu.set_threads)
+    "host.threads": int | Literal["auto"] | None,  # torch's threads (shakespeare.run.host.set_threads)
     "host.collective_timeout": float,  # seconds (callbacks.lost_rank applies it)
     "callbacks.early_stopping.patience": int | None,  # null switches early stopping off
 }
 BUILDERS = {"model": GeneratorConfig, "scheduler": warmup_cosine}  # the nodes without a _target_
+
+
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+
+
+def check_accelerator(name: str) -> None:
+    """Refuse an accelerator this machine lacks before Lightning does it with a traceback."""
+    available = [a for a in ("cpu", "cuda", "mps") if AcceleratorRegistry.get(a).is_available()]
+    wanted = {"gpu": ["cuda", "mps"]}.get(name, [name])
+    if name not in ACCELERATORS:
+        raise UsageError(f"trainer.accelerator={name!r} is not an accelerator; choose one of {', '.join(ACCELERATORS)}.")
+    if name != "auto" and not set(wanted) & set(available):
+        raise UsageError(
+            f"trainer.accelerator={name} is not available on this machine; available here: "
+            f"{', '.join(available)}. Use trainer.accelerator={available[-1]} (or auto, which picks the best one)."
+        )
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -9,12 +9,12 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from shakespeare.errors import UsageError
-from shakespeare.model import GeneratorConfig, ShakespeareGenerator
-from shakespeare.run_folder import newest_run
+from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
 from shakespeare.tokenizer import Tokenizer, tokenizer_for
 
 BEST = Path("checkpoints") / "best.ckpt"
@@ -22,17 +22,8 @@ EXAMPLE = "outputs/<date>/<time>_<rung>/checkpoints/best.ckpt"
 PREFIX = "model."  # ShakespeareModule keeps the generator as `self.model`
 
 
-def resolve_checkpoint(path: str | Path, log_dir: str | Path = "outputs") -> Path:
-    """A checkpoint file as given, a run folder's `checkpoints/best.ckpt`, or for `last` the best.ckpt of the
-    newest run under `log_dir`."""
-    if str(path) == "last":
-        run = newest_run(log_dir, BEST.name)
-        if run is None:
-            raise UsageError(
-                f"ckpt_path=last found no run to write with: no {Path(log_dir) / '<date>/<time>_<rung>'}/{BEST}. "
-                f"Train one first (python train.py), or pass a run folder or a checkpoint such as {EXAMPLE}."
-            )
-        return run / BEST
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or a run folder's `checkpoints/best.ckpt`."""
     path = Path(path).expanduser()
     if path.is_dir():
         if (path / BEST).is_file():
@@ -48,35 +39,42 @@ def resolve_checkpoint(path: str | Path, log_dir: str | Path = "outputs") -> Pat
     return path
 
 
-def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """The checkpoint's contents, read with PyTorch's safe `weights_only` loading."""
-    if not zipfile.is_zipfile(path):
-        raise UsageError(
-            f"ckpt_path={str(path)!r} is not a PyTorch checkpoint: it is truncated or another kind of file "
-            f"(checkpoints are zip archives). Pass a complete checkpoint written by train.py, such as {EXAMPLE}."
-        )
+class Unreadable(ValueError):
+    """Why a file is not a checkpoint this project can read, as the end of a sentence: `it is cut short ...`."""
+
+
+def load_verified(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """A checkpoint's contents, read with PyTorch's safe `weights_only` loading after checking its zip records'
+    checksums, which torch.load does not do: a flipped bit in the weights would otherwise load as a wrong number.
+    Raises Unreadable saying what is wrong with the file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError):
+        raise Unreadable("it is cut short or not a PyTorch checkpoint at all (checkpoints are complete zip archives)") from None
+    if damaged is not None:
+        raise Unreadable(f"its contents are damaged (the checksum of {damaged} does not match: bit rot or a bad copy)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        raise UsageError(
-            f"ckpt_path={str(path)!r} holds Python objects{f' ({refused[1]})' if refused else ''} that PyTorch's "
-            "safe weights_only loading refuses, so it is not a checkpoint written by train.py, whose "
-            f"hyperparameters are plain data. Pass a checkpoint such as {EXAMPLE}."
+        raise Unreadable(
+            f"it holds Python objects{f' ({refused[1]})' if refused else ''} that PyTorch's safe weights_only loading "
+            "refuses, so it is not a checkpoint written by train.py, whose hyperparameters are plain data"
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError):
-        raise UsageError(
-            f"ckpt_path={str(path)!r} is not a readable PyTorch checkpoint: it is damaged or truncated. Pass a "
-            f"complete checkpoint written by train.py, such as {EXAMPLE}."
-        ) from None
+    except Exception as err:  # a zip of other files, or records torch cannot read
+        raise Unreadable(f"torch cannot read its records: it is damaged or truncated, or not a checkpoint written by "
+                         f"train.py ({type(err).__name__})") from None
 
 
-def load_generator(
-    path: str | Path, map_location: str | torch.device = "cpu", log_dir: str | Path = "outputs"
-) -> tuple[ShakespeareGenerator, Tokenizer]:
-    """The trained model (in eval mode) and tokenizer of a checkpoint, a run folder, or `last` (the newest run)."""
-    path = resolve_checkpoint(path, log_dir)
-    checkpoint = read_checkpoint(path, map_location)
+def load_generator(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[ShakespeareGenerator, Tokenizer]:
+    """The trained model (in eval mode) and tokenizer of a checkpoint or a run folder (its best.ckpt)."""
+    path = resolve_checkpoint(path)
+    try:
+        checkpoint = load_verified(path, map_location)
+    except Unreadable as err:
+        raise UsageError(f"ckpt_path={str(path)!r} cannot be read: {err}. Pass a complete checkpoint written by "
+                         f"train.py, such as {EXAMPLE}.") from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or not {"vocabulary", "model"} <= hparams.keys() or "state_dict" not in checkpoint:
         raise UsageError(

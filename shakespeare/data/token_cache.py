@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shakespeare.corpus import cache_lock
+from shakespeare.data.corpus import cache_lock
 from shakespeare.errors import UsageError
 from shakespeare.tokenizer import BYTE_VOCABULARY, PAD, UNITS
 

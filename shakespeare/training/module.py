@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import Timer
 from torchmetrics import MeanMetric
 
 from shakespeare.errors import UsageError
-from shakespeare.inspection import LOSS_BY_POSITION, LossByPosition, position_tags
-from shakespeare.model import GeneratorConfig, ShakespeareGenerator
+from shakespeare.training.inspection import LOSS_BY_POSITION, LossByPosition, position_tags
+from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
 from shakespeare.tokenizer import tokenizer_for
 
 

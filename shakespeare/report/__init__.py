@@ -1,0 +1,1 @@
+"""The report over a folder of runs: `python -m shakespeare.report FOLDER`."""

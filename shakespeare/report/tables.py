@@ -1,0 +1,116 @@
+"""The report's tables: one row per run, and the time-budget table of the modern ladder."""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+from omegaconf import OmegaConf
+
+from shakespeare.report.runs import Run
+from shakespeare.run.composition import CONFIG_DIR
+
+# Eval loss in the research log (its random_windows split; scale_up: the best of the 3 epochs it saw).
+PUBLISHED = {
+    "bigram": 2.4613,
+    "head": 2.3073,
+    "multihead": 2.0769,
+    "multihead_ffn": 2.0320,
+    "block": 2.0098,
+    "block_norm": 1.9675,
+    "block_norm_dropout": 2.0079,
+    "scale_up": 1.7627,
+}
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def bits(loss: float | None) -> float | None:
+    """A loss in nats as bits per character (per byte for byte-level runs): the unit the literature reports."""
+    return None if loss is None else loss / math.log(2)
+
+
+@cache
+def log_settings(rung: str) -> dict | None:
+    """What defines a run of the research log's `rung` at the log's settings (experiment=ladder, or
+    experiment=scale_up): the model, its context and batch, the optimizer and the epochs. None for other rungs."""
+    if rung not in PUBLISHED:
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", ["experiment=scale_up"] if rung == "scale_up" else ["experiment=ladder", f"model={rung}"])
+    return defining(OmegaConf.to_container(cfg, resolve=False))
+
+
+def defining(config: dict) -> dict:
+    """The settings a loss in the research log depends on (fused attention computes the same model)."""
+    model = {k: v for k, v in config.get("model", {}).items() if k not in ("fused_attention", "compile")}
+    data, optimizer = config.get("data", {}), config.get("optimizer", {})
+    return {"model": model, "data": {k: data.get(k) for k in ("sequence_length", "batch_size")},
+            "optimizer": {k: optimizer.get(k) for k in ("_target_", "lr")},
+            "max_epochs": config.get("trainer", {}).get("max_epochs")}
+
+
+def matches_the_log(run: Run) -> bool:
+    """Whether the research log's eval loss for the run's rung belongs beside it: tinyshakespeare, the log's settings."""
+    settings = log_settings(run.rung)
+    return settings is not None and run.corpus == "tinyshakespeare.txt" and defining(run.config) == settings
+
+
+def markdown_table(runs: list[Run]) -> str:
+    """One row per run: rung, overrides, parameters, epochs, losses (and bits per character; test loss when
+    a run has a test split), seconds/epoch, tokens/s, status, folder."""
+    tested = any(run.test_loss is not None for run in runs)
+    test_columns = " test loss | test bpc |" if tested else ""
+    rows = [
+        f"| rung | overrides | parameters | trained | best eval loss | log's eval loss | eval bpc |{test_columns} "
+        "s/epoch | tokens/s | status | run |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|---:|" * tested + "---:|---:|---|---|",
+    ]
+    estimated = False
+    for run in runs:
+        tokens, measured = run.tokens_per_second
+        estimated |= tokens is not None and not measured
+        cells = [
+            run.rung,
+            " ".join(f"`{o}`" for o in run.overrides) or "-",
+            "-" if run.parameters is None else f"{run.parameters:,}",
+            run.trained,
+            _number(run.best_val_loss),
+            _number(PUBLISHED.get(run.rung) if matches_the_log(run) else None),
+            _number(bits(run.best_val_loss)),
+            *([_number(run.test_loss), _number(bits(run.test_loss))] if tested else []),
+            _number(run.seconds_per_epoch, 2),
+            "-" if tokens is None else ("" if measured else "≈") + f"{tokens:,.0f}",
+            run.status,
+            run.name,
+        ]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    notes = ["", "log's eval loss: the research log's, for runs of its rungs at its settings on tinyshakespeare, measured on "
+             "its random_windows split (see README). bpc: bits per character (per byte for data.unit=byte), the loss / ln 2."]
+    if tested:
+        notes.append("test loss: best.ckpt on the text's last data.test_fraction, after the validation split.")
+    if estimated:
+        notes.append("≈: estimated as steps × batch × sequence length over wall time (validation included).")
+    return "\n".join(rows + notes) + "\n"
+
+
+def budget_table(runs: list[Run]) -> str:
+    """The runs trained for a time budget (trainer.max_time), in ladder order: each one's validation loss when
+    its time was up and what it gained over the run above it (`python train.py -m experiment=modern_ladder`)."""
+    rows = ["| rung | time budget | steps | val loss at the budget | gain over the rung above |", "|---|---:|---:|---:|---:|"]
+    before = None
+    for run in (run for run in runs if run.time_budget is not None):
+        final = run.scalars.get("val/loss", [])[-1:] or [(None, None, None)]
+        step, _, loss = final[0]
+        gain = before - loss if before is not None and loss is not None else None
+        cells = [run.rung, f"{run.time_budget:.0f} s", "-" if step is None else f"{step:,}", _number(loss),
+                 "-" if gain is None else f"{gain:+.4f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+        before = loss if loss is not None else before
+    return "\n".join(rows) + "\n" if len(rows) > 2 else ""
