@@ -24,11 +24,10 @@ from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 # Lightning
 
 
-def starts_processes_by_rerunning(trainer: L.Trainer) -> bool:
-    """Whether the trainer's strategy starts its other processes by re-running this command (plain DDP),
-    rather than a cluster or Python's multiprocessing starting them."""
-    return (isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)
-            and not trainer.strategy.cluster_environment.creates_processes_externally)
+def reruns_the_command(trainer: L.Trainer) -> bool:
+    """Whether the trainer's launcher starts (or started) its other processes by re-running this command (plain
+    DDP), rather than Python's multiprocessing (ddp_spawn) or nothing at all (one process, torchrun, SLURM)."""
+    return isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)
 
 
 def stop_after_this_step(trainer: L.Trainer) -> None:

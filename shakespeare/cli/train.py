@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 import shakespeare.run.resolvers  # noqa: F401  (the interpolations of conf/train.yaml)
 from shakespeare.data.datamodule import ShakespeareDataModule
 from shakespeare.errors import EXPLAINED, Interrupted, UsageError, speaks
-from shakespeare.internals import starts_processes_by_rerunning
+from shakespeare.internals import reruns_the_command
 from shakespeare.run.checkpoints import AtomicCheckpointIO, check_resumable, load_training_checkpoint, resume_checkpoint
 from shakespeare.run.checks import check_accelerator, check_config, check_with_data
 from shakespeare.run.composition import CONFIG_DIR, explained_composition
@@ -181,7 +181,9 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 def check_sweep_strategy(trainer: L.Trainer) -> None:
     """Refuse `trainer=ddp` in a local `-m` sweep: it starts its extra processes by re-running the command,
     and each of them would run the whole sweep again."""
-    if starts_processes_by_rerunning(trainer) and trainer.num_devices > 1 and sweeping():
+    external = getattr(trainer.strategy, "cluster_environment", None)
+    if (reruns_the_command(trainer) and not (external and external.creates_processes_externally)
+            and trainer.num_devices > 1 and sweeping()):
         raise UsageError(
             f"trainer.strategy=ddp with trainer.devices={trainer.num_devices} starts its extra processes by "
             "re-running this command, so inside a -m sweep every process would run the whole sweep again. In "

@@ -38,7 +38,7 @@ from shakespeare.internals import (
     cluster_environment,
     delay_child_observer,
     set_collective_timeout,
-    starts_processes_by_rerunning,
+    reruns_the_command,
     stop_after_this_step,
 )
 
@@ -405,6 +405,6 @@ def explained(trainer: L.Trainer, cfg: DictConfig) -> Iterator[None]:
         elif (fault := restart_failed(err)) is None:
             raise
         mark_research_log(trainer, "failed", str(fault))
-        if starts_processes_by_rerunning(trainer):  # those waiting for this one
+        if reruns_the_command(trainer):  # those waiting for this one
             trainer.strategy.launcher.kill(signal.SIGKILL)
         raise fault from None
