@@ -101,7 +101,7 @@ def test_the_sample_callback_uses_its_own_generator(run):
     trainer = SimpleNamespace(sanity_checking=False, loggers=[], global_step=0)
     callback.on_validation_epoch_end(trainer, module)
     assert torch.equal(torch.get_rng_state(), state) and len(callback.text) == 20
-    with pytest.raises(UsageError, match="temperature=-1 must be a number of at least 0"):
+    with pytest.raises(UsageError, match="temperature=-1 must be a finite number of at least 0"):
         GenerationSample(temperature=-1)
 
 
@@ -144,7 +144,7 @@ def test_generate_refuses_bad_options(run):
     for override, message in [
         ("prompt=ROMEO:QX", r"The prompt 'ROMEO:QX' contains 2 character\(s\) the model's vocabulary lacks: 'Q' 'X'"),
         ("max_new_tokens=-5", "max_new_tokens=-5 must be"),
-        ("temperature=-0.1", "temperature=-0.1 must be a number of at least 0"),
+        ("temperature=-0.1", "temperature=-0.1 must be a finite number of at least 0"),
         ("top_k=0", "top_k=0 must be a whole number of at least 1"),
         ("device=tpu", "device='tpu' is not available on this machine"),
         ("context=slide", "context=slide caches keys .* rotary positions .* Use context=crop"),  # learned positions
@@ -173,7 +173,7 @@ def test_generate_cli_end_to_end(run, tmp_path):
     assert list(tmp_path.iterdir()) == []  # generating writes nothing to disk
     assert "| lightning" not in result.stderr  # importing Lightning alone would double the start-up time
     result = run_generate([f"ckpt_path={run.best}", "temperature=-1"], tmp_path)
-    assert result.returncode == 2 and "\ntemperature=-1 must be a number of at least 0" in result.stderr
+    assert result.returncode == 2 and "\ntemperature=-1 must be a finite number of at least 0" in result.stderr
     assert "Traceback" not in result.stderr
 
 

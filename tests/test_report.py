@@ -49,7 +49,7 @@ def runs(tmp_path_factory) -> Path:
     for i, rung in enumerate(["bigram", "head"]):
         train_like_hydra(sweep / f"{i}_model-{rung}", [f"model={rung}", f"data.path={corpus}", "trainer.max_epochs=2", *TINY])
     (sweep / "1_model-head" / "research_log.md").unlink()  # the report must not need it
-    crash = [f"+callbacks.fail._target_=tests.test_research_log.FailAtEpoch", "+callbacks.fail.epoch=1"]
+    crash = ["+callbacks.fail._target_=tests.test_research_log.FailAtEpoch", "+callbacks.fail.epoch=1"]
     with pytest.raises(RuntimeError):
         train_like_hydra(sweep / "2_model-multihead", ["model=multihead", f"data.path={corpus}", "trainer.max_epochs=3", *TINY, *crash])
     (root / "died" / ".hydra").mkdir(parents=True)

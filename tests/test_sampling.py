@@ -100,8 +100,8 @@ def test_unknown_prompt_characters_are_listed_or_skipped():
     "options, message",
     [
         ({"max_new_tokens": -1}, "max_new_tokens=-1 must be a whole number of at least 0"),
-        ({"temperature": -0.5}, "temperature=-0.5 must be a number of at least 0: .* 0 always picks the likeliest"),
-        ({"temperature": float("inf")}, "temperature=inf must be a number of at least 0"),
+        ({"temperature": -0.5}, r"temperature=-0.5 must be a finite number of at least 0 \(1 samples the model .* 0 always picks the likeliest"),
+        ({"temperature": float("inf")}, "temperature=inf must be a finite number of at least 0"),
         ({"top_k": 0}, "top_k=0 must be a whole number of at least 1"),
         ({"num_samples": 0}, "num_samples=0 must be a whole number of at least 1"),
     ],

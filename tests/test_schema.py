@@ -13,13 +13,14 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from shakespeare.run.checks import BUILDERS, TYPES, rungs
+from shakespeare.run.checks import BUILDERS, RANGES, TYPES, rungs
 from shakespeare.errors import UsageError
 from shakespeare.run.composition import CONFIG_DIR
+from shakespeare.cli.generate import RANGES as GENERATE_RANGES
 from shakespeare.cli.generate import SETTINGS
 from shakespeare.model.memory import check_memory, step_memory
 from shakespeare.model.generator import GeneratorConfig
-from shakespeare.run.schema import check_values
+from shakespeare.run.schema import NOT_TAKEN, check_values, conforms, described
 from tests.conftest import compose_train
 
 # the configs whose keys are checked: the default and the groups that bring keys of their own
@@ -75,9 +76,9 @@ def put(values: dict, key: str, value) -> dict:
 
 def check(name: str, values: dict) -> None:
     if name == "generate.py":
-        check_values(values, SETTINGS)
+        check_values(values, SETTINGS, GENERATE_RANGES)
     else:
-        check_values(values, TYPES, BUILDERS)
+        check_values(values, TYPES, RANGES, BUILDERS)
 
 
 def test_every_composed_key_has_a_type_and_the_composed_values_fit_it():
@@ -133,6 +134,29 @@ def test_a_builder_that_takes_any_keyword_takes_any_value():
     def callback(every: int = 1, **options: Any) -> None:  # a user's callback that passes its options on
         """A builder whose extra keywords are typed Any."""
 
-    check_values({"callbacks": {"mine": {"every": 2, "colour": "red", "sizes": [1, 2]}}}, {}, {"callbacks.mine": callback})
+    check_values({"callbacks": {"mine": {"every": 2, "colour": "red", "sizes": [1, 2]}}}, {}, {}, {"callbacks.mine": callback})
     with pytest.raises(UsageError, match=r"^callbacks.mine.every='2' is refused"):
-        check_values({"callbacks": {"mine": {"every": "2"}}}, {}, {"callbacks.mine": callback})
+        check_values({"callbacks": {"mine": {"every": "2"}}}, {}, {}, {"callbacks.mine": callback})
+
+
+def numeric_leaves() -> list[tuple[str, str]]:
+    """(config, key) for every key of the composed configs that takes a number (not only a choice among a few)."""
+    found = {}
+    for name, values in reversed(CONFIGS.items()):
+        table, ranges, builders = (SETTINGS, GENERATE_RANGES, {}) if name == "generate.py" else (TYPES, RANGES, BUILDERS)
+        for leaf in described(values, table, ranges, builders):
+            counts = conforms(12345, leaf.kind) or conforms(0.123, leaf.kind)
+            if leaf.kind not in (None, NOT_TAKEN) and counts and (leaf.rule or not conforms("any text", leaf.kind)):
+                found[leaf.key] = (name, leaf.key)  # (text keys read a number as text: prompt=1234)
+    return sorted(found.values())
+
+
+@pytest.mark.parametrize("name, key", numeric_leaves())
+def test_every_number_has_a_range_and_a_meaningless_one_is_refused_naming_the_key(name, key):
+    table, ranges, builders = (SETTINGS, GENERATE_RANGES, {}) if name == "generate.py" else (TYPES, RANGES, BUILDERS)
+    [leaf] = [leaf for leaf in described(CONFIGS[name], table, ranges, builders) if leaf.key == key]
+    assert leaf.rule is not None, f"{key} takes a number but says of none that it is meaningless: declare its Range"
+    bad = leaf.rule.outside()
+    bad = int(bad) if leaf.whole and float(bad).is_integer() else bad
+    with pytest.raises(UsageError, match=rf"^{re.escape(f'{key}={bad!r}')} must be (a|a whole|a finite) number"):
+        check(name, put(CONFIGS[name], key, bad))

@@ -18,9 +18,11 @@ from omegaconf import DictConfig
 from shakespeare.run.composition import CONFIG_DIR, explained_composition
 from shakespeare.model.loading import BEST, EXAMPLE, load_generator
 from shakespeare.errors import UsageError
-from shakespeare.model.sampling import check_options, stream
+from shakespeare.model.sampling import ON_UNKNOWN, Seed, check_options, stream
 from shakespeare.run.folders import newest_run
-from shakespeare.run.schema import check_types
+from shakespeare.ranges import ranges_of, rule_of
+from shakespeare.run.host import set_threads
+from shakespeare.run.schema import check_types, parameters
 from shakespeare.tokenizer import printable
 
 log = logging.getLogger("shakespeare")
@@ -35,22 +37,22 @@ def check_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# conf/generate.yaml's keys and their types, checked before anything is read
+# conf/generate.yaml's keys, their types and their ranges, checked before anything is read: the sampling
+# options' from check_options, torch's threads' from set_threads (train.py's host.threads)
+OPTIONS = parameters(check_options)
 SETTINGS = {
+    **OPTIONS.types,
     "ckpt_path": str | None,
     "log_dir": str,
     "prompt": str | int | float | None,  # prompt=1234 reaches us as a number; it is written as text
-    "max_new_tokens": int,
-    "temperature": float,
-    "top_k": int | None,
-    "num_samples": int,
     "seed": int | None,
-    "on_unknown": Literal["error", "skip"],
-    "context": Literal["auto", "crop", "slide"],
+    "on_unknown": Literal[ON_UNKNOWN],
     "device": str,
-    "threads": int | None,
+    "threads": parameters(set_threads).types["threads"],
     "raw": bool,
 }
+RANGES = {**{key: rule for key, (rule, _) in OPTIONS.ranges.items()}, "seed": rule_of(Seed),
+          "threads": ranges_of(set_threads)["threads"][0]}
 
 
 def checkpoint_of(ckpt_path: str, log_dir: str) -> str | Path:
@@ -69,7 +71,7 @@ def checkpoint_of(ckpt_path: str, log_dir: str) -> str | Path:
 
 def write_samples(cfg: DictConfig, out: TextIO = sys.stdout) -> list[str]:
     """Sample from `cfg.ckpt_path` as `cfg` describes, streaming the text to `out`; returns the samples."""
-    check_types(cfg, SETTINGS)
+    check_types(cfg, SETTINGS, RANGES)
     options = {key: cfg[key] for key in ("max_new_tokens", "temperature", "top_k", "num_samples", "context")}
     check_options(**options)
     if not cfg.ckpt_path:
@@ -77,11 +79,7 @@ def write_samples(cfg: DictConfig, out: TextIO = sys.stdout) -> list[str]:
             "ckpt_path is not set. Pass the checkpoint to write with, e.g. "
             "ckpt_path=outputs/<date>/<time>_<rung>/checkpoints/best.ckpt, a run folder, or last (the newest run)."
         )
-    threads = cfg.threads
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise UsageError(f"threads={threads!r} must be a whole number of at least 1, or null for one per core.")
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_threads(cfg.threads)
     device = check_device(cfg.device)
     model, tokenizer = load_generator(checkpoint_of(cfg.ckpt_path, cfg.log_dir), map_location=device)
     generator = torch.Generator(device=device)

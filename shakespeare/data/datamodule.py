@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Annotated, Literal
 
 import lightning as L
 import torch
@@ -11,6 +12,7 @@ from shakespeare.data.corpus import fetch_corpus, text_files
 from shakespeare.data.token_cache import TokenCache, load_tokens
 from shakespeare.data.windows import SlidingWindows, Windows
 from shakespeare.errors import UsageError
+from shakespeare.ranges import AT_LEAST_1, TORCH_SEED, Range, check_arguments
 from shakespeare.tokenizer import UNITS, Tokenizer, tokenizer_for
 
 SPLITS = ("contiguous", "random_windows")
@@ -27,37 +29,32 @@ class ShakespeareDataModule(L.LightningDataModule):
         sha256: str = "",
         file: str | None = None,
         archive_sha256: str | None = None,
-        unit: str = "char",
+        unit: Literal[UNITS] = "char",
         cache_dir: str = "~/.cache/shakespeare",
-        sequence_length: int = 8,
-        batch_size: int = 1024,
-        stride: int = 1,
-        val_stride: int | None = None,
-        split: str = "contiguous",
-        val_fraction: float = 0.1,
-        test_fraction: float | None = None,
-        seed: int = 0,
+        sequence_length: Annotated[int, AT_LEAST_1] = 8,
+        batch_size: Annotated[int, AT_LEAST_1] = 1024,
+        stride: Annotated[int, AT_LEAST_1] = 1,
+        val_stride: Annotated[int, AT_LEAST_1] | None = None,
+        split: Literal[SPLITS] = "contiguous",
+        val_fraction: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.1,
+        test_fraction: Annotated[float, Range(0, 1, high_open=True)] | None = None,
+        seed: Annotated[int, TORCH_SEED] = 0,  # the random_windows split's, and each epoch's shuffle (seed + epoch)
     ):
         super().__init__()
         if split not in SPLITS:
             raise UsageError(f"data.split={split!r} is not a split; choose one of {', '.join(SPLITS)}.")
         if unit not in UNITS:
             raise UsageError(f"data.unit={unit!r} is not a unit; choose char (the text's characters) or byte (its bytes).")
-        for key, value in (("sequence_length", sequence_length), ("batch_size", batch_size), ("stride", stride),
-                           ("val_stride", stride if val_stride is None else val_stride)):
-            if not isinstance(value, int) or value < 1:
-                raise UsageError(f"data.{key}={value!r} must be a whole number of at least 1.")
+        check_arguments(ShakespeareDataModule, locals(), "data")
         if val_stride is not None and split != "contiguous":
             raise UsageError(
                 f"data.val_stride={val_stride} needs data.split=contiguous: the {split} split draws its validation "
                 "windows from the training windows' grid. Drop data.val_stride or use data.split=contiguous."
             )
-        if not 0 < val_fraction < 1:
-            raise UsageError(f"data.val_fraction={val_fraction!r} must lie strictly between 0 and 1, e.g. 0.1.")
-        if test_fraction is not None and not (0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        if test_fraction is not None and val_fraction + test_fraction >= 1:
             raise UsageError(
-                f"data.test_fraction={test_fraction!r} must lie in [0, 1) and leave text to train on beside "
-                f"data.val_fraction={val_fraction} (their sum must be below 1), e.g. 0.05; null: no test split."
+                f"data.test_fraction={test_fraction!r} leaves no text to train on beside data.val_fraction="
+                f"{val_fraction}: their sum must be below 1, e.g. data.test_fraction=0.05; null: no test split."
             )
         self.save_hyperparameters(logger=False)  # the run logs its curated hyperparameters itself
         self.cache: TokenCache | None = None

@@ -10,12 +10,14 @@ says what the rung is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 from shakespeare.errors import UsageError
+from shakespeare.ranges import AT_LEAST_1, PROBABILITY, check_arguments
 
 ATTENTIONS = ("none", "head", "multihead")
 POSITIONS = ("learned", "rope")
@@ -34,56 +36,49 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu2": ReLUSquared}  # keys name the module in
 
 @dataclass
 class GeneratorConfig:
-    vocab_size: int
-    sequence_length: int
+    """A rung's model: the parts it has and their sizes. conf/model/ sets them rung by rung; the defaults are
+    the bigram's. Each number's meaningful range is its annotation, checked once, with the config."""
+
+    vocab_size: Annotated[int, AT_LEAST_1]
+    sequence_length: Annotated[int, AT_LEAST_1]
     name: str = "bigram"
-    attention: str = "none"  # none: the bigram; head: one AttentionHead; multihead: MultiHeadAttention
-    embedding_size: int = 32
-    num_heads: int = 4
+    attention: Literal[ATTENTIONS] = "none"  # none: the bigram; head: one AttentionHead; multihead: MultiHeadAttention
+    embedding_size: Annotated[int, AT_LEAST_1] = 32
+    num_heads: Annotated[int, AT_LEAST_1] = 4
     feed_forward: bool = False
     residual: bool = False  # wrap attention + feed-forward in residual Blocks with projections
     layer_norm: bool = False
-    num_blocks: int = 1
-    dropout: float = 0.0
-    feed_forward_size: int | None = None  # the feed-forward's hidden width in a Block; None: embedding_size
-    attention_dropout: float | None = None  # dropout on the attention weights; None: `dropout`
+    num_blocks: Annotated[int, AT_LEAST_1] = 1
+    dropout: Annotated[float, PROBABILITY] = 0.0
+    feed_forward_size: Annotated[int, AT_LEAST_1] | None = None  # the feed-forward's hidden width in a Block; None: embedding_size
+    attention_dropout: Annotated[float, PROBABILITY] | None = None  # dropout on the attention weights; None: `dropout`
     fused_attention: bool = False  # all heads in one q/k/v Linear + scaled_dot_product_attention (same function)
-    norm: str = "layer"  # layer: LayerNorm (the log's); rms: RMSNorm (no mean, no bias)
-    position: str = "learned"  # learned: an Embedding added to the input (the log's); rope: rotary, inside attention
-    activation: str = "gelu"  # the feed-forward's: gelu (the log's); relu2: relu(x)²
+    norm: Literal[tuple(NORMS)] = "layer"  # layer: LayerNorm (the log's); rms: RMSNorm (no mean, no bias)
+    position: Literal[POSITIONS] = "learned"  # learned: an Embedding added to the input (the log's); rope: rotary, inside attention
+    activation: Literal[tuple(ACTIVATIONS)] = "gelu"  # the feed-forward's: gelu (the log's); relu2: relu(x)²
     qk_norm: bool = False  # normalise each head's queries and keys (with `norm`) before the rotation
     compile: bool = False  # torch.compile the model; ShakespeareModule applies it
 
     def __post_init__(self) -> None:
-        if self.attention not in ATTENTIONS:
-            raise UsageError(f"model.attention={self.attention!r} is not one of {', '.join(ATTENTIONS)}.")
-        for key in ("vocab_size", "sequence_length", "embedding_size", "num_heads", "num_blocks"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise UsageError(f"model.{key}={value!r} must be a whole number of at least 1.")
+        for key, choices in (("attention", ATTENTIONS), ("norm", NORMS), ("position", POSITIONS), ("activation", ACTIVATIONS)):
+            if getattr(self, key) not in choices:
+                raise UsageError(f"model.{key}={getattr(self, key)!r} is not one of {', '.join(choices)}.")
+        check_arguments(GeneratorConfig, vars(self), "model")
         if self.attention == "multihead" and self.embedding_size % self.num_heads:
             raise UsageError(
                 f"model.num_heads={self.num_heads} does not divide model.embedding_size={self.embedding_size}: "
                 f"each head gets embedding_size / num_heads channels. Pick num_heads among "
                 f"{[h for h in range(1, self.embedding_size + 1) if self.embedding_size % h == 0]}."
             )
-        for key in ("dropout", "attention_dropout"):
-            value = getattr(self, key)
-            if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
-                raise UsageError(f"model.{key}={value!r} must lie in [0, 1), e.g. 0.1 (0 switches it off).")
         if self.attention_dropout is None:
             self.attention_dropout = self.dropout
-        width = self.feed_forward_size
-        if width is not None and not (self.residual and isinstance(width, int) and width >= 1):
+        if self.feed_forward_size is not None and not self.residual:
             raise UsageError(
-                f"model.feed_forward_size={width!r} needs model.residual=true (a Block projects the "
-                "hidden width back) and a whole number of at least 1, e.g. 4 x model.embedding_size."
+                f"model.feed_forward_size={self.feed_forward_size!r} needs model.residual=true (a Block projects the "
+                "hidden width back), e.g. model=block model.feed_forward_size=128."
             )
         if self.residual and self.attention != "multihead":
             raise UsageError(f"model.residual=true needs model.attention=multihead, got {self.attention!r}.")
-        for key, choices in (("norm", NORMS), ("position", POSITIONS), ("activation", ACTIVATIONS)):
-            if getattr(self, key) not in choices:
-                raise UsageError(f"model.{key}={getattr(self, key)!r} is not one of {', '.join(choices)}.")
         if self.position == "rope" and not self.residual:
             raise UsageError(
                 "model.position=rope rotates the queries and keys of fused attention inside residual blocks: it "

@@ -6,11 +6,13 @@ import dataclasses
 import math
 import re
 from collections.abc import Iterator
+from typing import Annotated, Literal
 
 import torch
 from torch.nn import functional as F
 
 from shakespeare.errors import UsageError
+from shakespeare.ranges import AT_LEAST_0, AT_LEAST_1, TORCH_SEED, Range, check_arguments
 from shakespeare.model.generator import Block, ShakespeareGenerator
 from shakespeare.model.sliding_window import SlidingWindow
 from shakespeare.tokenizer import Tokenizer
@@ -116,29 +118,24 @@ def next_character_reader(model: ShakespeareGenerator, context: str, num_streams
     return NextCharacter(model)
 
 
-def check_options(
-    max_new_tokens: int, temperature: float, top_k: int | None, num_samples: int, context: str = "auto"
-) -> None:
-    """Refuse sampling options that have no meaning, naming the value and a sensible one."""
+# what each sampling option means, as a range: generate.py's keys and the training samples' (GenerationSample)
+NewTokens = Annotated[int, AT_LEAST_0]
+Temperature = Annotated[float, Range(0, math.inf, high_open=True, means="1 samples the model as trained, lower is "
+                                    "safer, 0 always picks the likeliest character")]
+TopK = Annotated[int, AT_LEAST_1]  # sample among the k likeliest characters (null: among all)
+Streams = Annotated[int, AT_LEAST_1]
+Seed = Annotated[int, TORCH_SEED]
+
+
+def check_options(max_new_tokens: NewTokens, temperature: Temperature, top_k: TopK | None, num_samples: Streams,
+                  context: Literal[CONTEXTS] = "auto") -> None:
+    """Refuse sampling options that have no meaning, naming the value and what it takes."""
     if context not in CONTEXTS:
         raise UsageError(
             f"context={context!r} is not one of {', '.join(CONTEXTS)}: crop re-reads the last sequence_length "
             "characters at every step, slide caches keys and values (rotary rungs), auto picks slide where it can."
         )
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise UsageError(f"max_new_tokens={max_new_tokens!r} must be a whole number of at least 0, e.g. 500.")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
-        raise UsageError(
-            f"temperature={temperature!r} must be a number of at least 0: 1.0 samples the model as trained, lower is "
-            "more conservative (e.g. 0.8), higher more adventurous, and 0 always picks the likeliest character."
-        )
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise UsageError(
-            f"top_k={top_k!r} must be a whole number of at least 1 (sample among the k likeliest characters), "
-            "or null to sample among all of them."
-        )
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise UsageError(f"num_samples={num_samples!r} must be a whole number of at least 1.")
+    check_arguments(check_options, locals(), "")
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, on_unknown: str = "error") -> torch.Tensor:

@@ -10,11 +10,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from shakespeare.errors import UsageError
-from shakespeare.run.checks import LADDER, time_budget
+from shakespeare.run.checks import LADDER
 from shakespeare.run.folders import unescaped
 from shakespeare.run.sweep import FAILURE
 from shakespeare.training.inspection import LOSS_BY_POSITION
-from shakespeare.training.lines import ELAPSED, TOKENS_PER_SECOND
+from shakespeare.training.lines import ELAPSED, TOKENS_PER_SECOND, budget_seconds
 
 EVENTS = "events.out.tfevents.*"
 ATTENTION = "inspection/attention"  # the attention grid the Inspection callback logs after every validation
@@ -78,7 +78,7 @@ class Run:
         """trainer.max_time in seconds, None for a run without one."""
 
         try:
-            return time_budget(self.config.get("trainer", {}).get("max_time"))
+            return budget_seconds(self.config.get("trainer", {}).get("max_time"))
         except UsageError:
             return None
 

@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from shakespeare.run.checks import time_budget
+from shakespeare.training.lines import budget_seconds
 from shakespeare.errors import Fault, UsageError
 from shakespeare.model.loading import Unreadable, load_verified
 from shakespeare.run.folders import newest_run, unescaped
@@ -276,7 +276,7 @@ def check_resumable(checkpoint: dict[str, Any], path: Path, cfg: DictConfig, voc
             f"(trainer.max_steps={max_steps}), so there is nothing to resume. To train it longer, raise "
             f"trainer.max_steps, e.g. trainer.max_steps={max_steps * 2}."
         )
-    budget = time_budget(cfg.trainer.get("max_time"))
+    budget = budget_seconds(cfg.trainer.get("max_time"))
     spent = checkpoint.get("callbacks", {}).get("Timer", {}).get("time_elapsed", {}).get("train")
     if budget is not None and spent is not None and spent >= budget:
         raise UsageError(

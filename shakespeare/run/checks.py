@@ -11,39 +11,29 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import fields
 from functools import cache
-from numbers import Real
 from pathlib import Path
-from typing import Literal
 
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import AcceleratorRegistry
-from lightning.pytorch.callbacks import Timer
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from shakespeare.run.composition import CONFIG_DIR, nearest
 from shakespeare.data.datamodule import ShakespeareDataModule
 from shakespeare.errors import UsageError
+from shakespeare.ranges import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, Range, WholeOrFraction, ranges_of
 from shakespeare.model.memory import check_memory
 from shakespeare.model.generator import GeneratorConfig
 from shakespeare.training.module import warmup_cosine
-from shakespeare.run.folders import unescaped
-from shakespeare.run.schema import check_types
+from shakespeare.run.faults import LostRankWatch
+from shakespeare.run.host import set_threads
+from shakespeare.run.folders import run_overrides
+from shakespeare.run.schema import check_types, parameters
+from shakespeare.training.lines import budget_seconds
 
-
-
-def run_overrides() -> list[str]:
-    """The command-line overrides of this run (empty outside Hydra, e.g. in tests composing configs)."""
-    return [unescaped(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
-
-
-def is_count(value: object, minimum: int = 1) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 # The keys no class or function of the run is built from, and those that mean more here than in the class
@@ -55,11 +45,37 @@ TYPES = {
     "paths.log_dir": str,
     "paths.output_dir": str,
     "paths.cache_dir": str,
-    "host.threads": int | Literal["auto"] | None,  # torch's threads (shakespeare.run.host.set_threads)
+    "host.threads": parameters(set_threads).types["threads"],  # torch's threads: a count, auto or null
     "host.collective_timeout": float,  # seconds (callbacks.lost_rank applies it)
     "callbacks.early_stopping.patience": int | None,  # null switches early stopping off
 }
 BUILDERS = {"model": GeneratorConfig, "scheduler": warmup_cosine}  # the nodes without a _target_
+# The meaningful values of the keys that classes the project does not own (Lightning's, torch's) take, and of
+# the keys nothing builds from; every other key's range is the annotation of the parameter it fills.
+NO_LIMIT = ((-1, "no limit"),)
+RANGES = {
+    "seed": Range(0, 2**32, high_open=True, means="the seeds NumPy's generator takes"),
+    "checkpoint.every_n_steps": Range(1, means="last.ckpt is rewritten this often: a crash loses at most that many steps"),
+    "host.threads": ranges_of(set_threads)["threads"][0],
+    "host.collective_timeout": ranges_of(LostRankWatch)["collective_timeout"][0],
+    "trainer.max_epochs": Range(1, also=NO_LIMIT),
+    "trainer.max_steps": Range(1, also=NO_LIMIT),
+    "trainer.devices": Range(1, also=((-1, "every device"),)),
+    "trainer.num_nodes": AT_LEAST_1,
+    "trainer.gradient_clip_val": AT_LEAST_0,
+    "trainer.val_check_interval": WholeOrFraction(AT_LEAST_1, Range(0, 1, low_open=True)),
+    "trainer.check_val_every_n_epoch": AT_LEAST_1,  # Lightning divides by it
+    "trainer.log_every_n_steps": AT_LEAST_1,
+    "trainer.limit_train_batches": WholeOrFraction(AT_LEAST_1, Range(0, 1, low_open=True)),
+    "trainer.limit_val_batches": WholeOrFraction(AT_LEAST_0, FRACTION),  # 0: no validation
+    "optimizer.lr": ABOVE_0,
+    "optimizer.weight_decay": AT_LEAST_0,
+    "callbacks.model_checkpoint.save_top_k": Range(-1),  # -1: every checkpoint
+    "callbacks.last_checkpoint.save_top_k": Range(-1),
+    "callbacks.last_checkpoint.every_n_train_steps": AT_LEAST_0,
+    "callbacks.early_stopping.patience": Range(1, means="epochs without improvement before stopping; null: never"),
+    "callbacks.early_stopping.min_delta": Range(0, means="the drop in val/loss that counts as an improvement"),
+}
 
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
@@ -87,28 +103,10 @@ def check_config(cfg: DictConfig) -> None:
             f"model.{unknown[0]} is not a model setting{f' (did you mean model.{guess}?)' if guess else ''}: the model "
             f"takes {', '.join(sorted(known))}. Remove +model.{unknown[0]} or fix its spelling."
         )
-    check_types(cfg, TYPES, BUILDERS)
+    check_types(cfg, TYPES, RANGES, BUILDERS)  # every key's type and range
     check_rung_settings(cfg.model, run_overrides())
     check_optimizer(cfg.optimizer)
-    for key in ("max_epochs", "max_steps"):
-        value = cfg.trainer.get(key)
-        if not (value is None or value == -1 or is_count(value)):
-            raise UsageError(
-                f"trainer.{key}={value!r} must be a whole number of at least 1 (or -1: no limit, for another "
-                "limit or early stopping to end the run)."
-            )
-    time_budget(cfg.trainer.get("max_time"))
-    if not 0 <= cfg.seed < 2**32:
-        raise UsageError(f"seed={cfg.seed} must lie in [0, 2**32): NumPy's generator takes no other seed, e.g. seed=1337.")
-    for key in ("log_every_n_steps", "check_val_every_n_epoch"):  # Lightning divides by them
-        if (value := cfg.trainer.get(key)) is not None and not is_count(value):
-            raise UsageError(f"trainer.{key}={value} must be a whole number of at least 1 (or null), e.g. trainer.{key}=1.")
-    every = (cfg.get("checkpoint") or {}).get("every_n_steps")
-    if every is not None and not is_count(every):
-        raise UsageError(
-            f"checkpoint.every_n_steps={every!r} must be a whole number of at least 1: last.ckpt is rewritten "
-            "every that many training steps, so a crash loses at most that many."
-        )
+    budget_seconds(cfg.trainer.get("max_time"))
     check_early_stopping((cfg.get("callbacks") or {}).get("early_stopping"))
 
 
@@ -171,22 +169,6 @@ def check_rung_settings(model: DictConfig, overrides: list[str]) -> None:
             )
 
 
-def time_budget(max_time: object) -> float | None:
-    """trainer.max_time in seconds (None: no time budget), read as Lightning's Timer reads it."""
-    if max_time is None:
-        return None
-    try:
-        seconds = Timer(OmegaConf.to_container(max_time) if OmegaConf.is_config(max_time) else max_time).time_remaining()
-    except (MisconfigurationException, TypeError, ValueError, AttributeError):
-        seconds = None
-    if seconds is None or seconds <= 0:
-        raise UsageError(
-            f"trainer.max_time={max_time!r} is not a time budget: write days:hours:minutes:seconds, e.g. "
-            "trainer.max_time=00:00:10:00 for ten minutes (or trainer.max_time={minutes:10}), or null for none."
-        )
-    return seconds
-
-
 def check_with_data(cfg: DictConfig, datamodule: ShakespeareDataModule) -> None:
     """The checks that need the text: a training step that cannot fit in the memory free for it is refused
     with the estimate and the fix, and a validation interval longer than an epoch with the epoch's length."""
@@ -208,10 +190,7 @@ def check_with_data(cfg: DictConfig, datamodule: ShakespeareDataModule) -> None:
 
 
 def check_optimizer(optimizer: DictConfig) -> None:
-    """A positive learning rate, and settings the optimizer accepts (built once on a dummy parameter)."""
-    lr = optimizer.get("lr")
-    if not isinstance(lr, Real) or isinstance(lr, bool) or not lr > 0:
-        raise UsageError(f"optimizer.lr={lr!r} must be a number above 0, e.g. optimizer.lr=0.001.")
+    """Settings the optimizer accepts (it is built once on a dummy parameter, and checks its own)."""
     try:
         instantiate(optimizer, params=[torch.zeros(1, requires_grad=True)])
     except InstantiationException as err:
@@ -224,23 +203,8 @@ def check_optimizer(optimizer: DictConfig) -> None:
 
 def check_early_stopping(conf: DictConfig | None) -> None:
     """`patience` switches early stopping on; `min_delta` only means something alongside it."""
-    if conf is None:
-        return
-    patience, min_delta = conf.get("patience"), conf.get("min_delta")
-    if patience is None:
-        if min_delta:
-            raise UsageError(
-                f"callbacks.early_stopping.min_delta={min_delta} is set but patience is null, so early "
-                "stopping is off. Set callbacks.early_stopping.patience (epochs without improvement) too."
-            )
-        return
-    if not is_count(patience):
+    if conf is not None and conf.get("patience") is None and conf.get("min_delta"):
         raise UsageError(
-            f"callbacks.early_stopping.patience={patience!r} must be a whole number of at least 1 (epochs "
-            "without improvement before stopping), or null to never stop early."
-        )
-    if not isinstance(min_delta, Real) or isinstance(min_delta, bool) or min_delta < 0:
-        raise UsageError(
-            f"callbacks.early_stopping.min_delta={min_delta!r} must be a number of at least 0: the drop in "
-            "val/loss that counts as an improvement (0: any drop)."
+            f"callbacks.early_stopping.min_delta={conf.min_delta} is set but patience is null, so early "
+            "stopping is off. Set callbacks.early_stopping.patience (epochs without improvement) too."
         )

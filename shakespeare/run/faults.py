@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator
 
 import lightning as L
 import torch
@@ -32,8 +32,9 @@ from omegaconf import DictConfig
 
 from shakespeare.training.lines import ResearchLog
 from shakespeare.run.checkpoints import AUTO, LAST, CheckpointWriteError, find_run, resume_command
-from shakespeare.run.checks import run_overrides
+from shakespeare.run.folders import run_overrides
 from shakespeare.errors import Fault, Interrupted, UsageError, speaks
+from shakespeare.ranges import ABOVE_0
 from shakespeare.internals import (
     cluster_environment,
     delay_child_observer,
@@ -222,12 +223,7 @@ class LostRankWatch(L.Callback):
     and the lowest surviving rank names the lost process, once.
     """
 
-    def __init__(self, collective_timeout: float = 1800):
-        if isinstance(collective_timeout, bool) or not isinstance(collective_timeout, (int, float)) or not collective_timeout > 0:
-            raise UsageError(
-                f"host.collective_timeout={collective_timeout!r} must be a number of seconds above 0: how long a "
-                "process of a DDP run waits for the others before the run stops naming the lost one, e.g. 300."
-            )
+    def __init__(self, collective_timeout: Annotated[float, ABOVE_0] = 1800):  # seconds
         self.collective_timeout = collective_timeout
         self.lost: list[int] | None = None  # set once a collective failed
         self.alive_but_silent = False

@@ -10,6 +10,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 RUNS = ("*/*/checkpoints", "multiruns/*/*/*/checkpoints")  # outputs/<date>/<time>_<rung>, and a sweep's jobs
@@ -92,3 +93,8 @@ def discard_refused_run(output_dir: str | Path, record: str | None, log_dir: str
             parent.rmdir()
     elif record and Path(record).name.startswith("resumed-") and (folder / record).is_dir():
         shutil.rmtree(folder / record)
+
+
+def run_overrides() -> list[str]:
+    """The command-line overrides of this run (empty outside Hydra, e.g. in tests composing configs)."""
+    return [unescaped(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []

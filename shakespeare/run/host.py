@@ -14,10 +14,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 
-from shakespeare.errors import UsageError
+from shakespeare.ranges import AT_LEAST_1
 
 log = logging.getLogger("shakespeare")
 
@@ -61,7 +62,7 @@ def auto_threads() -> tuple[int, str]:
     return free, f"{total} cores, {busy:.1f} of them busy with other work" if busy >= 0.5 else f"{total} cores, all free"
 
 
-def set_threads(threads: int | str | None) -> None:
+def set_threads(threads: Annotated[int, AT_LEAST_1] | Literal["auto"] | None) -> None:
     """Use `threads` intra-op threads: a count, `auto` (the cores free when the run starts) or None (torch's
     default, one per core).
 
@@ -76,12 +77,6 @@ def set_threads(threads: int | str | None) -> None:
     if threads == AUTO:
         threads, reason = auto_threads()
         why = f" (host.threads=auto: {reason})"
-    elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise UsageError(
-            f"host.threads={threads!r} must be a whole number of at least 1 (the CPU threads torch uses), auto "
-            "(every core other work leaves free at the start), or null for torch's default of one per core. "
-            "Use 1 when other work shares the machine."
-        )
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # for the processes this one starts, e.g. trainer=ddp_spawn's
     log.info("torch threads=%d%s", threads, why)

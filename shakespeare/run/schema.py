@@ -1,8 +1,10 @@
-"""Every key of a composed config gets its type checked before anything is built, with a message naming the fix.
+"""Every key of a composed config gets its type and its range checked before anything is built, with a message
+naming the fix.
 
-The types come from where the values go: the parameters of the class or function a node builds (its
-`_target_`, or the builder named for it, like the model's `GeneratorConfig`), so a key added to one of them
-is checked with no table to keep in step. Keys nothing builds from take their type from a small table.
+Both come from where the values go: the parameters of the class or function a node builds (its `_target_`, or
+the builder named for it, like the model's `GeneratorConfig`), their annotations and their `Range`s, so a key
+added to one of them is checked with no table to keep in step. Keys nothing builds from, and the ranges of keys
+of classes the project does not own, come from two small tables (run/checks.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from shakespeare.run.composition import nearest
 from shakespeare.errors import UsageError
+from shakespeare.ranges import Rule, check_range, ranges_of
 
 # what a YAML value can be; other classes in a signature (Tensor, Accelerator, timedelta) are for Python callers
 PLAIN = (type(None), bool, int, float, str, list, tuple, dict)
@@ -29,11 +32,12 @@ PLAIN = (type(None), bool, int, float, str, list, tuple, dict)
 
 @dataclasses.dataclass
 class Parameters:
-    """What a builder takes: each parameter's type and default, and whether it takes any other keyword too."""
+    """What a builder takes: each parameter's type, default and range, and whether it takes any other keyword."""
 
     owner: str
     types: dict[str, Any]
     defaults: dict[str, Any]
+    ranges: dict[str, tuple[Rule, bool]]
     open: bool
 
 
@@ -51,6 +55,7 @@ def parameters(builder: Callable) -> Parameters:
         owner=f"{builder.__module__}.{builder.__qualname__}",
         types={name: hints.get(name, Any) for name in named},
         defaults={name: p.default for name, p in named.items() if p.default is not p.empty},
+        ranges=ranges_of(builder),
         open=any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()),
     )
 
@@ -121,11 +126,23 @@ def resolved(cfg: DictConfig, key: str) -> Any:
 NOT_TAKEN = object()  # the type of a key its builder has no parameter for
 
 
-def leaves(node: dict, prefix: str, table: Mapping[str, Any], builders: Mapping[str, Callable]
-           ) -> Iterator[tuple[str, Any, Any, str, Any]]:
-    """(key, value, type, owner, default) for every leaf under `node`: a node with a `_target_` or a builder
-    types its keys by that builder's parameters (NOT_TAKEN: none of them); any other node is a folder of keys
-    (type None: nothing says), the table's keys aside, which are leaves whatever their value."""
+@dataclasses.dataclass
+class Leaf:
+    """One key of a config, its value, and what says which values it takes."""
+
+    key: str
+    value: Any
+    kind: Any  # its type; None: nothing says, NOT_TAKEN: its builder has no such parameter
+    owner: str = ""  # the class or function it is a parameter of
+    default: Any = None
+    rule: Rule | None = None  # the numbers that mean something for it
+    whole: bool = False  # whether it counts (whole numbers only)
+
+
+def leaves(node: dict, prefix: str, table: Mapping[str, Any], builders: Mapping[str, Callable]) -> Iterator[Leaf]:
+    """Every leaf under `node`: a node with a `_target_` or a builder types its keys by that builder's parameters
+    (NOT_TAKEN: none of them); any other node is a folder of keys (type None: nothing says), the table's keys
+    aside, which are leaves whatever their value."""
     target = node.get("_target_")
     builder = builders.get(prefix.rstrip(".")) or (get_object(target) if isinstance(target, str) else None)
     if builder is None:
@@ -133,37 +150,53 @@ def leaves(node: dict, prefix: str, table: Mapping[str, Any], builders: Mapping[
             if isinstance(value, dict) and f"{prefix}{key}" not in table:
                 yield from leaves(value, f"{prefix}{key}.", table, builders)
             else:
-                yield f"{prefix}{key}", value, None, "", None
+                yield Leaf(f"{prefix}{key}", value, None)
         return
     taken = parameters(builder)
     owner = target if isinstance(target, str) else taken.owner  # as the config names it
     for key, value in node.items():
         if key != "_target_":
             kind = taken.types.get(key, Any if taken.open else NOT_TAKEN)
-            yield f"{prefix}{key}", value, kind, owner, taken.defaults.get(key)
+            rule, whole = taken.ranges.get(key, (None, False))
+            yield Leaf(f"{prefix}{key}", value, kind, owner, taken.defaults.get(key), rule, whole)
 
 
-def check_types(cfg: DictConfig, table: Mapping[str, Any], builders: Mapping[str, Callable] = {}) -> None:
+def described(values: dict, table: Mapping[str, Any], ranges: Mapping[str, Rule] = {},
+              builders: Mapping[str, Callable] = {}) -> list[Leaf]:
+    """Every leaf of the resolved config `values` with its type and range: the tables' first (a bad
+    paths.cache_dir is named as such, not as data.cache_dir that interpolates it), then the builders'."""
+    found = []
+    for leaf in leaves(values, "", table, builders):
+        if leaf.key in table:
+            leaf.kind, leaf.owner, leaf.default = table[leaf.key], "", None
+        if leaf.key in ranges:
+            leaf.rule, leaf.whole = ranges[leaf.key], conforms(1, leaf.kind) and not conforms(0.5, leaf.kind)
+        found.append(leaf)
+    return sorted(found, key=lambda leaf: leaf.key not in table and leaf.key not in ranges)
+
+
+def check_types(cfg: DictConfig, table: Mapping[str, Any], ranges: Mapping[str, Rule] = {},
+                builders: Mapping[str, Callable] = {}) -> None:
     """Raise UsageError for the first key of `cfg` (Hydra's own `hydra` node aside) whose value has the wrong
-    type, or that nothing takes (see `check_values`)."""
+    type or a meaningless value, or that nothing takes (see `check_values`)."""
     try:
         values = {key: resolved(cfg, key) for key in cfg if key != "hydra"}
     except OmegaConfBaseException as err:
         raise UsageError(f"{err.full_key}: {str(err).splitlines()[0]}. Check that value's interpolation.") from None
-    check_values(values, table, builders)
+    check_values(values, table, ranges, builders)
 
 
-def check_values(values: dict, table: Mapping[str, Any], builders: Mapping[str, Callable] = {}) -> None:
-    """Raise UsageError for the first key of the resolved config `values` whose value has the wrong type, or
-    that nothing takes: typed by `table` (key -> type) first, then by the parameters of what builds its node
-    (its `_target_`, or `builders`: node -> class or function)."""
-    # the table's keys first: a bad paths.cache_dir is named as such, not as data.cache_dir that interpolates it
-    found = sorted(leaves(values, "", table, builders), key=lambda leaf: leaf[0] not in table)
-    for key, value, kind, owner, default in found:
-        if key in table:
-            kind, owner, default = table[key], "", None
+def check_values(values: dict, table: Mapping[str, Any], ranges: Mapping[str, Rule] = {},
+                 builders: Mapping[str, Callable] = {}) -> None:
+    """Raise UsageError for the first key of the resolved config `values` whose value has the wrong type, lies
+    outside its range, or that nothing takes: typed by `table` (key -> type) and ranged by `ranges` (key -> Range)
+    first, then by the parameters of what builds its node (its `_target_`, or `builders`: node -> class or
+    function)."""
+    found = described(values, table, ranges, builders)
+    for leaf in found:
+        key, value, kind, owner, default = leaf.key, leaf.value, leaf.kind, leaf.owner, leaf.default
         if kind is None or kind is NOT_TAKEN:
-            siblings = [other for other, *_ in found if other.rpartition(".")[0] == key.rpartition(".")[0] and other != key]
+            siblings = [other.key for other in found if other.key.rpartition(".")[0] == key.rpartition(".")[0] and other.key != key]
             guess = nearest(key, siblings)
             raise UsageError(
                 f"{key} is not a setting of {owner or 'this project'}.{f' Did you mean {guess}?' if guess else ''} "
@@ -176,3 +209,5 @@ def check_values(values: dict, table: Mapping[str, Any], builders: Mapping[str, 
                 conforms("text", kind) and not isinstance(value, (str, list, dict))) else ""
             by = f" (a parameter of {owner})" if owner else ""
             raise UsageError(f"{key}={value!r} is refused: {key}{by} takes {describe(kind)}{example}.{quote}")
+        if leaf.rule is not None:
+            check_range(key, value, leaf.rule, leaf.whole, default)

@@ -4,6 +4,7 @@ the inspection of what a rung learned (TensorBoard's Images, Projector and Custo
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import lightning as L
 import torch
@@ -12,7 +13,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from shakespeare.errors import UsageError
-from shakespeare.model.sampling import check_options, sample
+from shakespeare.model.sampling import NewTokens, Seed, Temperature, TopK, check_options, sample
+from shakespeare.ranges import AT_LEAST_0
 from shakespeare.tokenizer import printable
 from shakespeare.training.inspection import (
     LOSS_BY_POSITION,
@@ -31,7 +33,7 @@ class ProgressBar(TQDMProgressBar):
     `| tee`) every redraw would be written out, thousands of characters a line, so the bar stays off there
     and the run prints its epoch lines alone."""
 
-    def __init__(self, refresh_rate: int = 1, leave: bool = False) -> None:
+    def __init__(self, refresh_rate: Annotated[int, AT_LEAST_0] = 1, leave: bool = False) -> None:
         super().__init__(refresh_rate=refresh_rate, leave=leave)
         if not sys.stdout.isatty():
             self.disable()
@@ -45,7 +47,8 @@ class GenerationSample(L.Callback):
     seed every time, so the samples differ only by what the model learned.
     """
 
-    def __init__(self, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None, seed: int = 0):
+    def __init__(self, max_new_tokens: NewTokens = 200, temperature: Temperature = 1.0, top_k: TopK | None = None,
+                 seed: Seed = 0):
         check_options(max_new_tokens, temperature, top_k, num_samples=1)
         self.max_new_tokens, self.temperature, self.top_k, self.seed = max_new_tokens, temperature, top_k, seed
         self.text: str | None = None

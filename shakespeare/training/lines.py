@@ -17,10 +17,11 @@ import torch
 from lightning.pytorch.callbacks import Timer, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from omegaconf import OmegaConf
 
 from shakespeare.errors import UsageError
-from shakespeare.model.sampling import sample
+from shakespeare.model.sampling import NewTokens, sample
 from shakespeare.tokenizer import printable
 
 log = logging.getLogger("shakespeare")
@@ -55,10 +56,26 @@ def completed_line(elapsed: float) -> str:
     return f"Training completed. Elapsed time: {elapsed:.2f}s"
 
 
-def time_budget(trainer: L.Trainer) -> Timer | None:
+def budget_timer(trainer: L.Trainer) -> Timer | None:
     """Lightning's Timer when the run has a time budget (trainer.max_time)."""
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     return timer if timer is not None and timer.time_remaining() is not None else None
+
+
+def budget_seconds(max_time: object) -> float | None:
+    """trainer.max_time in seconds (None: no time budget), read as Lightning's Timer reads it."""
+    if max_time is None:
+        return None
+    try:
+        seconds = Timer(OmegaConf.to_container(max_time) if OmegaConf.is_config(max_time) else max_time).time_remaining()
+    except (MisconfigurationException, TypeError, ValueError, AttributeError):
+        seconds = None
+    if seconds is None or seconds <= 0:
+        raise UsageError(
+            f"trainer.max_time={max_time!r} is not a time budget: write days:hours:minutes:seconds, e.g. "
+            "trainer.max_time=00:00:10:00 for ten minutes (or trainer.max_time={minutes:10}), or null for none."
+        )
+    return seconds
 
 
 def by_epoch(trainer: L.Trainer) -> bool:
@@ -76,7 +93,7 @@ def progress(trainer: L.Trainer) -> str:
         return f"{trainer.current_epoch}/{trainer.max_epochs}"
     text = f"{trainer.current_epoch}/{trainer.max_epochs} " if epochs else ""
     text += f"step {trainer.global_step}" + (f"/{trainer.max_steps}" if trainer.max_steps not in (None, -1) else "")
-    if timer := time_budget(trainer):
+    if timer := budget_timer(trainer):
         spent = timer.time_elapsed("train")
         text += f" ({spent:.0f} s of {spent + timer.time_remaining('train'):.0f} s)"
     return text
@@ -163,7 +180,7 @@ class ResearchLog(L.Callback):
     the run's EpochLine, which must be among the callbacks. Writes on rank zero only.
     """
 
-    def __init__(self, path: str | Path, command: list[str] | None = None, sample_length: int = 300) -> None:
+    def __init__(self, path: str | Path, command: list[str] | None = None, sample_length: NewTokens = 300) -> None:
         self.path = Path(path)
         self.command = "python train.py " + " ".join(command or [])
         self.sample_length = sample_length
@@ -306,7 +323,7 @@ def budget(trainer: L.Trainer) -> dict:
     limits = {"epochs": trainer.max_epochs} if trainer.max_epochs not in (None, -1) else {}
     if trainer.max_steps not in (None, -1):
         limits["max_steps"] = trainer.max_steps
-    if timer := time_budget(trainer):
+    if timer := budget_timer(trainer):
         limits["max_time"] = f"{timer.time_elapsed() + timer.time_remaining():.0f}s"
     return limits
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Annotated
 
 import lightning as L
 import torch
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import Timer
 from torchmetrics import MeanMetric
 
 from shakespeare.errors import UsageError
+from shakespeare.ranges import AT_LEAST_0, FRACTION, check_arguments
 from shakespeare.training.inspection import LOSS_BY_POSITION, LossByPosition, position_tags
 from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
 from shakespeare.tokenizer import tokenizer_for
@@ -156,17 +158,13 @@ def scheduled_factor(step: int, total_steps: float, timer: Timer | None, setting
 
 def check_scheduler(scheduler: dict) -> None:
     """Refuse scheduler settings `warmup_cosine` cannot follow, naming the key."""
-    unknown = set(scheduler) - {"warmup_steps", "min_lr_factor"}
-    warmup, floor = scheduler.get("warmup_steps", 0), scheduler.get("min_lr_factor", 0.0)
-    if unknown:
+    if unknown := set(scheduler) - {"warmup_steps", "min_lr_factor"}:
         raise UsageError(f"scheduler.{sorted(unknown)[0]} is not a setting; warmup_cosine takes warmup_steps and min_lr_factor.")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise UsageError(f"scheduler.warmup_steps={warmup!r} must be a whole number of steps, 0 or more (e.g. 100).")
-    if not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
-        raise UsageError(f"scheduler.min_lr_factor={floor!r} must lie in [0, 1]: the final learning rate over optimizer.lr.")
+    check_arguments(warmup_cosine, scheduler, "scheduler")
 
 
-def warmup_cosine(step: int, total_steps: float, warmup_steps: int, min_lr_factor: float, time_spent: float = 0.0) -> float:
+def warmup_cosine(step: int, total_steps: float, warmup_steps: Annotated[int, AT_LEAST_0],
+                  min_lr_factor: Annotated[float, FRACTION], time_spent: float = 0.0) -> float:
     """The learning rate's factor at `step`: linear warm-up, then cosine decay to `min_lr_factor` at the end of
     the budget: the last step, or the end of trainer.max_time (`time_spent`: the fraction of it used),
     whichever comes first, so a run stopped by either ends annealed (a budget spent during the warm-up too)."""

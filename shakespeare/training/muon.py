@@ -10,11 +10,13 @@ theirs (a learning-rate scheduler scales both), and its state dict holds both st
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Annotated
 
 import torch
 from torch import nn
 
 from shakespeare import internals
+from shakespeare.ranges import ABOVE_0, AT_LEAST_0, AT_LEAST_1, Range
 
 BFLOAT16_NEWTON_SCHULZ = internals.torch_newton_schulz()
 
@@ -50,11 +52,11 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[tuple[str, nn.Parameter] | nn.Parameter],
-        lr: float = 0.02,
-        momentum: float = 0.95,
-        weight_decay: float = 0.0,
+        lr: Annotated[float, ABOVE_0] = 0.02,
+        momentum: Annotated[float, Range(0, 1, high_open=True)] = 0.95,
+        weight_decay: Annotated[float, AT_LEAST_0] = 0.0,
         nesterov: bool = True,
-        ns_steps: int = 5,
+        ns_steps: Annotated[int, AT_LEAST_1] = 5,
         adjust_lr_fn: str | None = None,
         adamw: dict | None = None,
     ):
