@@ -13,12 +13,11 @@ import pytest
 from hydra.errors import ConfigCompositionException, OverrideParseException
 
 from shakespeare.cli.train import fit
-from shakespeare.run.composition import explain
-from shakespeare.run.checks import check_config
 from shakespeare.errors import UsageError
+from shakespeare.run.checks import check_config
+from shakespeare.run.composition import explain
 from shakespeare.run.folders import discard_refused_run
-from tests.conftest import ROOT, compose_train, write_corpus
-from tests.test_train import run_train
+from tests.harness import ROOT, compose_train, run_train, write_corpus
 
 
 @pytest.mark.parametrize(

@@ -16,16 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from shakespeare.data import token_cache
 from shakespeare.data.corpus import fetch_corpus, unpack
-from shakespeare.errors import UsageError
 from shakespeare.data.token_cache import load_tokens
-from shakespeare.tokenizer import CharTokenizer
-from omegaconf import DictConfig, OmegaConf
-
+from shakespeare.errors import UsageError
 from shakespeare.run.composition import CONFIG_DIR
-from tests.conftest import compose_train
+from shakespeare.tokenizer import CharTokenizer
+from tests.harness import compose_generate, compose_train
 
 TEXT8_LIKE = " ".join("anarchism originated as a term of abuse first used against early working class".split() * 40).encode()
 
@@ -374,10 +373,9 @@ def test_text8_trains_then_tests_best_ckpt_and_every_record_shows_bits_per_chara
 
 @pytest.mark.slow
 def test_a_byte_level_model_trains_on_any_file_and_generates_text(tmp_path):
-    from shakespeare.cli.train import fit
     from shakespeare.cli.generate import write_samples
+    from shakespeare.cli.train import fit
     from shakespeare.tokenizer import BYTE_VOCABULARY, printable
-    from tests.test_generate import compose_generate
 
     path = tmp_path / "enwik8"
     path.write_bytes(("<page>Ω wiki ☃ text</page>\n".encode() + b"\xff\x00") * 2000)  # not UTF-8: bytes are fine

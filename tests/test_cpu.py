@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 
-from shakespeare.run import host as cpu
 from shakespeare.cli.train import fit
-from shakespeare.run.host import keep_freed_memory, set_threads
 from shakespeare.errors import UsageError
-from tests.conftest import compose_train
+from shakespeare.run import host as cpu
+from shakespeare.run.host import keep_freed_memory, set_threads
+from tests.harness import compose_train
 
 
 def test_trainer_threads_reaches_torch(tiny_cfg):

@@ -12,8 +12,14 @@ from shakespeare.data import windows
 from shakespeare.data.datamodule import ShakespeareDataModule
 from shakespeare.data.windows import FeistelPermutation, SlidingWindows
 from shakespeare.errors import UsageError
-from shakespeare.tokenizer import BYTE_VOCABULARY, PAD, ByteTokenizer, CharTokenizer, tokenizer_for
-from tests.conftest import REAL_CORPUS, WITHOUT_CORPUS
+from shakespeare.tokenizer import (
+    BYTE_VOCABULARY,
+    PAD,
+    ByteTokenizer,
+    CharTokenizer,
+    tokenizer_for,
+)
+from tests.harness import REAL_CORPUS, WITHOUT_CORPUS
 
 
 def test_tokenizer_round_trips_and_puts_pad_first():

@@ -20,14 +20,25 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from shakespeare.run.checkpoints import LAST, PREVIOUS, AtomicCheckpointIO, CheckpointWriteError
 from shakespeare.cli.train import fit
 from shakespeare.data.datamodule import ShakespeareDataModule
 from shakespeare.errors import UsageError
 from shakespeare.internals import patiently
 from shakespeare.report.__main__ import main as report_main
-from tests.conftest import ROOT, compose_train, write_corpus
-from tests.test_interruption import assert_same_run, start_train, wait_for
+from shakespeare.run.checkpoints import (
+    LAST,
+    PREVIOUS,
+    AtomicCheckpointIO,
+    CheckpointWriteError,
+)
+from tests.harness import (
+    ROOT,
+    assert_same_run,
+    compose_train,
+    start_train,
+    wait_for,
+    write_corpus,
+)
 
 # 3 epochs of 6 steps with dropout, last.ckpt every 4 steps; on 2 processes each takes batches of 16
 RUN = ["model=block_norm_dropout", "data.batch_size=16", "trainer.max_epochs=3", "trainer.limit_train_batches=6",
@@ -161,7 +172,9 @@ def test_a_stopped_rank_is_named_within_the_collective_timeout(tmp_path, corpus1
 
 def test_lightnings_launcher_gives_the_survivor_time_before_it_kills_everything():
     # Lightning's observer SIGKILLs the main process 5 s after a child dies: the survivor could not say which
-    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+    from lightning.fabric.strategies.launchers.subprocess_script import (
+        _ChildProcessObserver,
+    )
 
     main, dead = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["false"])
     dead.wait()

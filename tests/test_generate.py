@@ -13,18 +13,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from shakespeare.training.callbacks import GenerationSample
-from shakespeare.model.loading import load_generator
-from shakespeare.cli.train import fit
-from shakespeare.run.composition import CONFIG_DIR
 from shakespeare.cli.generate import write_samples
+from shakespeare.cli.train import fit
 from shakespeare.errors import UsageError
+from shakespeare.model.loading import load_generator
 from shakespeare.tokenizer import PAD
-from tests.conftest import ROOT, compose_train, write_corpus
+from shakespeare.training.callbacks import GenerationSample
+from tests.harness import (
+    ROOT,
+    compose_generate,
+    compose_train,
+    write_corpus,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +48,6 @@ def run(tmp_path_factory) -> SimpleNamespace:
                            vocabulary=vocabulary, tmp=tmp)
 
 
-def compose_generate(*overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("generate", overrides=list(overrides))
 
 
 def test_the_checkpoint_alone_rebuilds_the_model_with_weights_only_loading(run):

@@ -13,11 +13,19 @@ import pytest
 import torch
 
 from shakespeare.cli.train import fit
-from shakespeare.training.inspection import LOSS_BY_POSITION, LossByPosition, attention_layers, attention_maps, held_out_passage, position_tags, token_label
 from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
 from shakespeare.model.sampling import fuse_heads
 from shakespeare.tokenizer import ByteTokenizer, CharTokenizer
-from tests.test_research_log import tensorboard
+from shakespeare.training.inspection import (
+    LOSS_BY_POSITION,
+    LossByPosition,
+    attention_layers,
+    attention_maps,
+    held_out_passage,
+    position_tags,
+    token_label,
+)
+from tests.harness import tensorboard
 
 RUNGS = {  # the rung settings that change where attention sits
     "head": dict(attention="head"),

@@ -13,12 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from shakespeare.run.checkpoints import AtomicCheckpointIO
 from shakespeare.cli.train import fit
 from shakespeare.data.windows import SlidingWindows
 from shakespeare.errors import Interrupted, UsageError
 from shakespeare.report.runs import load_runs
-from tests.conftest import ROOT, compose_train, write_corpus
+from shakespeare.run.checkpoints import AtomicCheckpointIO
+from tests.harness import (
+    ROOT,
+    assert_same_run,
+    compose_train,
+    start_train,
+    wait_for,
+    write_corpus,
+)
 
 # 3 epochs of 6 steps with dropout (so the random state matters), last.ckpt every 4 steps
 RUN = [
@@ -32,23 +39,10 @@ RUN = [
 ]
 
 
-def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return torch.load(checkpoint, weights_only=True)["state_dict"]
 
 
-def final_val_loss(checkpoint: Path) -> float:
-    """The last epoch's val/loss: best.ckpt's score (the loss falls every epoch in these short runs)."""
-    states = torch.load(checkpoint, weights_only=True)["callbacks"]
-    return float(next(s["best_model_score"] for key, s in states.items() if "'monitor': 'val/loss'" in key))
 
 
-def assert_same_run(resumed: Path, reference: Path) -> None:
-    """Same epochs, same final weights, same final validation loss (1e-4) as the uninterrupted run."""
-    got, want = torch.load(resumed / "last.ckpt", weights_only=True), torch.load(reference / "last.ckpt", weights_only=True)
-    assert (got["epoch"], got["global_step"]) == (want["epoch"], want["global_step"])
-    for name, tensor in want["state_dict"].items():
-        torch.testing.assert_close(got["state_dict"][name], tensor, rtol=0, atol=1e-6)
-    assert abs(final_val_loss(resumed / "best.ckpt") - final_val_loss(reference / "best.ckpt")) < 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -60,25 +54,8 @@ def corpus_and_reference(tmp_path_factory) -> tuple[Path, Path]:
     return corpus, tmp / "run" / "checkpoints"
 
 
-def start_train(args: list[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:
-    """Start `python train.py *args`; with `new_session`, in a process group of its own, as a terminal's
-    foreground job is (Ctrl-C reaches the whole group)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=new_session,
-    )
 
 
-def wait_for(proc: subprocess.Popen, marker: str) -> str:
-    """Read the run's output up to the line containing `marker` (the run pauses there)."""
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if marker in line:
-            return "".join(seen)
-    proc.wait()
-    raise AssertionError(f"the run ended (rc {proc.returncode}) before printing {marker!r}:\n{''.join(seen)[-3000:]}")
 
 
 def run_folders(cwd: Path) -> list[Path]:

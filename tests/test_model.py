@@ -9,8 +9,13 @@ import torch
 from omegaconf import OmegaConf
 
 from shakespeare.errors import UsageError
-from shakespeare.model.generator import GeneratorConfig, ReLUSquared, Rotary, ShakespeareGenerator
-from tests.conftest import compose_train
+from shakespeare.model.generator import (
+    GeneratorConfig,
+    ReLUSquared,
+    Rotary,
+    ShakespeareGenerator,
+)
+from tests.harness import compose_train
 
 # The trees printed in the research log, verbatim (vocabulary of 66, sequence length 8).
 LOG_TREES = {

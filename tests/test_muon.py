@@ -9,11 +9,11 @@ from omegaconf import OmegaConf
 
 from shakespeare.cli.train import fit
 from shakespeare.errors import Interrupted
-from shakespeare.model.loading import load_generator
 from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
-from shakespeare.training.muon import MuonAdamW
+from shakespeare.model.loading import load_generator
 from shakespeare.model.sampling import sample
-from tests.conftest import compose_train
+from shakespeare.training.muon import MuonAdamW
+from tests.harness import compose_train
 
 
 def muon_for(rung: str, tmp_path) -> tuple[ShakespeareGenerator, MuonAdamW]:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, compose_train
+from tests.harness import ROOT, compose_train
 
 
 def readme_block(heading: str) -> str:

@@ -16,14 +16,13 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from shakespeare.cli.train import fit
-from shakespeare.run.composition import CONFIG_DIR
-from shakespeare.training.lines import ELAPSED
 from shakespeare.report.__main__ import main
 from shakespeare.report.figures import labels, validation_curves, write_figures
 from shakespeare.report.runs import Run, load_runs
 from shakespeare.report.samples import samples_section
-from tests.conftest import ROOT, compose_train, write_corpus
-from tests.test_train import RUNGS
+from shakespeare.run.composition import CONFIG_DIR
+from shakespeare.training.lines import ELAPSED
+from tests.harness import ROOT, RUNGS, compose_train, write_corpus
 
 TINY = ["data.batch_size=32", "trainer.limit_train_batches=5", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false"]
 

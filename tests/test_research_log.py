@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import re
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 import pytest
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from shakespeare.training.lines import TOKENS_PER_SECOND, ResearchLog, epoch_line
 from shakespeare.cli.train import fit, hyperparameters
 from shakespeare.errors import Interrupted
+from shakespeare.training.lines import TOKENS_PER_SECOND, ResearchLog, epoch_line
 from shakespeare.training.module import BEST_VAL_LOSS, TRAIN_LOSS
+from tests.harness import tensorboard
 
 
 class FailAtEpoch(L.Callback):
@@ -132,43 +127,8 @@ def test_tensorboard_events_hold_lr_throughput_and_hparams(tiny_cfg):
     assert not [key for key in hparams if "vocabulary" in key or "_target_" in key]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def tensorboard(logdir: Path, ready_tag: str = "val/loss"):
-    """A real TensorBoard server over `logdir`; yields `get(path, body=None, raw=False)`, which reads
-    `/data/plugin/<path>` (JSON, or bytes with raw=True), once a run's scalar `ready_tag` is loaded."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--port", str(port), "--host", "127.0.0.1",
-         "--load_fast", "false", "--reload_interval", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}/data/plugin"
-
-    def get(path: str, body: dict | None = None, raw: bool = False):
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json", "X-XSRF-Protected": "1"} if body is not None else {}
-        with urllib.request.urlopen(urllib.request.Request(base + path, data=data, headers=headers), timeout=10) as r:
-            return r.read() if raw else json.loads(r.read())
-
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if any(ready_tag in tags for tags in get("/scalars/tags").values()):
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        yield get
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 @pytest.mark.slow

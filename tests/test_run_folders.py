@@ -13,14 +13,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from shakespeare.cli.train import fit
-from shakespeare.run.composition import CONFIG_DIR
 from shakespeare.cli.generate import write_samples
+from shakespeare.cli.train import fit
 from shakespeare.report.runs import load_runs
 from shakespeare.report.tables import markdown_table
+from shakespeare.run.composition import CONFIG_DIR
 from shakespeare.run.folders import folder_name, unescaped
-from tests.conftest import ROOT, compose_train
-from tests.test_train import run_train
+from tests.harness import ROOT, compose_train, run_train
 
 # one sweep, four jobs: a time as Hydra escapes it, a time as a mapping, a quoted name with a space, a list,
 # a negative number (and data.path, a path, which names no folder)

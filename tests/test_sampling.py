@@ -8,10 +8,15 @@ from omegaconf import OmegaConf
 
 from shakespeare.errors import UsageError
 from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
-from shakespeare.model.sampling import NextCharacter, next_character_reader, sample, stream
+from shakespeare.model.sampling import (
+    NextCharacter,
+    next_character_reader,
+    sample,
+    stream,
+)
 from shakespeare.model.sliding_window import SlidingWindow
 from shakespeare.tokenizer import PAD, CharTokenizer
-from tests.conftest import compose_train
+from tests.harness import compose_train
 
 TOKENIZER = CharTokenizer.from_text("ROMEO:\nJULIET: the king my lord, good sweet love!")
 

@@ -18,8 +18,7 @@ from shakespeare.cli.train import fit
 from shakespeare.errors import UsageError
 from shakespeare.model.generator import GeneratorConfig
 from shakespeare.training.module import ShakespeareModule
-from tests.conftest import compose_train
-from tests.test_train import run_train
+from tests.harness import compose_train, run_train
 
 
 def tiny(corpus: Path, batch_size: int = 16) -> list[str]:

@@ -13,15 +13,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from shakespeare.run.checks import BUILDERS, RANGES, TYPES, rungs
-from shakespeare.errors import UsageError
-from shakespeare.run.composition import CONFIG_DIR
 from shakespeare.cli.generate import RANGES as GENERATE_RANGES
 from shakespeare.cli.generate import SETTINGS
-from shakespeare.model.memory import check_memory, step_memory
+from shakespeare.errors import UsageError
 from shakespeare.model.generator import GeneratorConfig
+from shakespeare.model.memory import check_memory, step_memory
+from shakespeare.run.checks import BUILDERS, RANGES, TYPES, rungs
+from shakespeare.run.composition import CONFIG_DIR
 from shakespeare.run.schema import NOT_TAKEN, check_values, conforms, described
-from tests.conftest import compose_train
+from tests.harness import compose_train
 
 # the configs whose keys are checked: the default and the groups that bring keys of their own
 VARIANTS = [[], ["optimizer=muon", "scheduler=warmup_cosine"], ["optimizer=adamw"], ["trainer=ddp"],

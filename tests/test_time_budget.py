@@ -15,15 +15,14 @@ import lightning as L
 import lightning.pytorch.callbacks.timer as lightning_timer
 import pytest
 import torch
-
 from omegaconf import OmegaConf
 
 import shakespeare.cli.train as cli
 from shakespeare.errors import Interrupted, UsageError
-from shakespeare.training.module import warmup_cosine
 from shakespeare.report.runs import Run
 from shakespeare.report.tables import budget_table
-from tests.conftest import compose_train
+from shakespeare.training.module import warmup_cosine
+from tests.harness import compose_train
 
 BUDGET = 10  # seconds of fake time: ten training steps
 RUN = ["model=block_norm_dropout", "data.batch_size=32", "trainer.max_epochs=-1", "trainer.limit_train_batches=4",

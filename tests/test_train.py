@@ -14,12 +14,16 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from shakespeare.cli.train import fit
+from shakespeare.errors import UsageError
 from shakespeare.run.checks import check_accelerator
 from shakespeare.run.composition import CONFIG_DIR
-from shakespeare.errors import UsageError
-from tests.conftest import ROOT, compose_train, write_corpus
-
-RUNGS = ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout"]
+from tests.harness import (
+    ROOT,
+    RUNGS,
+    compose_train,
+    run_train,
+    write_corpus,
+)
 
 
 @pytest.mark.parametrize("rung", RUNGS)
@@ -66,9 +70,6 @@ def test_missing_accelerator_names_the_available_ones():
         check_accelerator(name)
 
 
-def run_train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
