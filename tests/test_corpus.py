@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from shakespeare.data import token_cache
 from shakespeare.data.corpus import fetch_corpus, unpack
 from shakespeare.data.token_cache import load_tokens
 from shakespeare.errors import UsageError
-from shakespeare.run.composition import CONFIG_DIR
 from shakespeare.tokenizer import CharTokenizer
 from tests.harness import compose_generate, compose_train
 
@@ -160,7 +159,8 @@ def test_tinyshakespeare_download_is_verified_and_cached(tmp_path, corpus):
 
 
 def data_config(name: str) -> DictConfig:
-    return OmegaConf.load(Path(CONFIG_DIR) / "data" / f"{name}.yaml")
+    """conf/data/<name>.yaml as Hydra composes it (enwik8 extends text8)."""
+    return compose_train(Path("/nonexistent"), [f"data={name}"]).data
 
 
 def test_a_cached_corpus_needs_neither_its_text_nor_the_network(tmp_path, corpus):

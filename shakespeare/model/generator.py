@@ -50,14 +50,16 @@ class GeneratorConfig:
     layer_norm: bool = False
     num_blocks: Annotated[int, AT_LEAST_1] = 1
     dropout: Annotated[float, PROBABILITY] = 0.0
-    feed_forward_size: Annotated[int, AT_LEAST_1] | None = None  # the feed-forward's hidden width in a Block; None: embedding_size
-    attention_dropout: Annotated[float, PROBABILITY] | None = None  # dropout on the attention weights; None: `dropout`
-    fused_attention: bool = False  # all heads in one q/k/v Linear + scaled_dot_product_attention (same function)
-    norm: Literal[tuple(NORMS)] = "layer"  # layer: LayerNorm (the log's); rms: RMSNorm (no mean, no bias)
-    position: Literal[POSITIONS] = "learned"  # learned: an Embedding added to the input (the log's); rope: rotary, inside attention
-    activation: Literal[tuple(ACTIVATIONS)] = "gelu"  # the feed-forward's: gelu (the log's); relu2: relu(x)²
-    qk_norm: bool = False  # normalise each head's queries and keys (with `norm`) before the rotation
-    compile: bool = False  # torch.compile the model; ShakespeareModule applies it
+    # the hidden width of a Block's feed-forward; None: embedding_size (the log's)
+    feed_forward_size: Annotated[int, AT_LEAST_1] | None = None
+    # dropout on the attention weights; None: `dropout` (0 lets fused attention take the flash kernel)
+    attention_dropout: Annotated[float, PROBABILITY] | None = None
+    fused_attention: bool = False  # all heads in one q/k/v Linear + scaled_dot_product_attention: same function, faster
+    norm: Literal[tuple(NORMS)] = "layer"  # layer: LayerNorm (the log's); rms: RMSNorm (no mean, no bias; model=rmsnorm)
+    position: Literal[POSITIONS] = "learned"  # learned: an Embedding added to the input (the log's); rope: rotary (model=rope)
+    activation: Literal[tuple(ACTIVATIONS)] = "gelu"  # the feed-forward's: gelu (the log's); relu2: relu(x)² (model=relu2)
+    qk_norm: bool = False  # normalise each head's queries and keys (with `norm`) before the rotation (model=qk_norm)
+    compile: bool = False  # torch.compile the model (the first steps pay for compiling); ShakespeareModule applies it
 
     def __post_init__(self) -> None:
         for key, choices in (("attention", ATTENTIONS), ("norm", NORMS), ("position", POSITIONS), ("activation", ACTIVATIONS)):

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, OmegaConf
 
-from shakespeare.run.composition import CONFIG_DIR, nearest
+from shakespeare.run.composition import CONFIG_DIR, MODEL_BASE, nearest
 from shakespeare.data.datamodule import ShakespeareDataModule
 from shakespeare.errors import UsageError
 from shakespeare.ranges import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, Range, WholeOrFraction, ranges_of
@@ -115,7 +115,7 @@ def rungs() -> dict[str, GeneratorConfig]:
     """Every rung in conf/model/, in ladder order (each extends the one before)."""
     hydra = GlobalHydra.instance()
     with nullcontext() if hydra.is_initialized() else initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        names = GlobalHydra.instance().config_loader().get_group_options("model")
+        names = [name for name in GlobalHydra.instance().config_loader().get_group_options("model") if name != MODEL_BASE]
         with warnings.catch_warnings():  # a group's file composed on its own: Hydra asks for _self_ in it
             warnings.simplefilter("ignore", UserWarning)
             models = {name: OmegaConf.to_container(compose(f"model/{name}").model) for name in names}
@@ -126,7 +126,7 @@ def rungs() -> dict[str, GeneratorConfig]:
 def ladder_position(rung: str) -> int:
     """How many rungs `rung` extends, following the defaults of conf/model/<rung>.yaml: its place on the ladder."""
     defaults = OmegaConf.load(Path(CONFIG_DIR) / "model" / f"{rung}.yaml").get("defaults") or []
-    extends = [entry for entry in defaults if isinstance(entry, str) and entry != "_self_"]
+    extends = [entry for entry in defaults if isinstance(entry, str) and entry not in ("_self_", MODEL_BASE)]
     return 1 + ladder_position(extends[0]) if extends else 0
 
 
@@ -146,6 +146,13 @@ def described(path: Path) -> str:
     """What a config adds: its first comment line (Hydra's `# @package` aside)."""
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#") and "@package" not in line]
     return lines[0].lstrip("# ") if lines else ""
+
+
+def group_help() -> str:
+    """The config groups and their options for `python train.py --help` (conf/<group>/<option>.yaml; the model
+    group's base, and Hydra's own groups, are not choices)."""
+    groups = sorted(path for path in Path(CONFIG_DIR).iterdir() if path.is_dir() and path.name != "hydra")
+    return "\n".join(f"{group.name}: {', '.join(sorted(option.stem for option in group.glob('*.yaml')))}" for group in groups)
 
 
 def rung_help() -> str:

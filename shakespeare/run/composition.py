@@ -12,15 +12,30 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+from shakespeare.model.generator import GeneratorConfig
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # shakespeare/run/ -> the checkout
+MODEL_BASE = "defaults"  # conf/model/'s base, which every rung extends: GeneratorConfig's defaults (the bigram's)
+
+
+def register_model_base() -> None:
+    """Every model setting at its GeneratorConfig default, as the config node `model/defaults` that conf/model/'s
+    rungs extend, so each rung's file names only what it changes and the defaults live in one place."""
+    settings = {f.name: f.default for f in fields(GeneratorConfig) if f.default is not MISSING}
+    ConfigStore.instance().store(group="model", name=MODEL_BASE, node={**settings, "sequence_length": "${data.sequence_length}"})
+
+
+register_model_base()
 OmegaConf.register_new_resolver("documented", lambda name: documented(name), use_cache=True, replace=True)  # --help
 MOVED = {"trainer.threads": "host.threads", "trainer.collective_timeout": "host.collective_timeout"}
 

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from shakespeare.errors import UsageError
 from shakespeare.run.checkpoints import find_run
-from shakespeare.run.checks import rung_help
+from shakespeare.run.checks import group_help, rung_help
 from shakespeare.run.folders import folder_name, unescaped
 from shakespeare.run.sweep import show_typed_overrides
 
@@ -30,6 +30,7 @@ def register() -> None:
         "folder_name": folder_name,  # sweep jobs' and runs' folders: they paste back unquoted
         "typed_overrides": lambda overrides: [unescaped(str(o)) for o in overrides],  # the research log's command
         "rung_help": rung_help,  # python train.py --help
+        "group_help": group_help,
     }
     for name, resolver in resolvers.items():
         OmegaConf.register_new_resolver(name, resolver, use_cache=True, replace=True)
