@@ -36,9 +36,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 MB = 10**6
-TINY = ["model=bigram", "trainer.max_epochs=-1", "trainer.max_steps=1", "trainer.limit_val_batches=1",
-        "trainer.enable_progress_bar=false", "callbacks.generation_sample.max_new_tokens=0",
-        "callbacks.research_log.sample_length=0"]
+TINY = [
+    "model=bigram",
+    "trainer.max_epochs=-1",
+    "trainer.max_steps=1",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.generation_sample.max_new_tokens=0",
+    "callbacks.research_log.sample_length=0",
+]
 
 
 def load() -> str:
@@ -70,11 +76,17 @@ def baseline_module(rev: str, folder: Path) -> tuple[Path | None, str]:
     """The baseline's data.py as a file: `rev`'s, or that of the commit before the token cache landed."""
     try:
         if rev == "auto":
-            added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "--", "shakespeare/token_cache.py"],
-                                   cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+            added = subprocess.run(
+                ["git", "log", "--diff-filter=A", "--format=%H", "--", "shakespeare/token_cache.py"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
             rev = f"{added[-1][:10]}^" if added else "HEAD"
-        source = subprocess.run(["git", "show", f"{rev}:shakespeare/data.py"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout
+        source = subprocess.run(
+            ["git", "show", f"{rev}:shakespeare/data.py"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
     except (subprocess.CalledProcessError, FileNotFoundError, IndexError):
         return None, rev
     if "token_cache" in source:
@@ -131,12 +143,16 @@ def target_setup(args, tmp: Path, corpus: Path, baseline: Path | None) -> None:
         text = make_text(tmp / f"setup-{size}.txt", size * MB, corpus, f"setup {size} MB {time.time()}")
         cache = tmp / f"cache-setup-{size}"
         first, cached = run_setup(text, cache), run_setup(text, cache)
-        line = (f"   {size:5d} MB  first {first['seconds']:6.2f} s {first['growth'] / (size * MB):5.2f} B/char"
-                f"   cached {cached['seconds']:6.2f} s {cached['growth'] / (size * MB):6.3f} B/char")
+        line = (
+            f"   {size:5d} MB  first {first['seconds']:6.2f} s {first['growth'] / (size * MB):5.2f} B/char"
+            f"   cached {cached['seconds']:6.2f} s {cached['growth'] / (size * MB):6.3f} B/char"
+        )
         if baseline:
             old = run_setup(text, cache, baseline)
-            line += (f"   baseline {old['seconds']:6.2f} s {old['growth'] / (size * MB):5.2f} B/char"
-                     f"  ({old['seconds'] / first['seconds']:.1f}x / {old['seconds'] / cached['seconds']:.0f}x faster)")
+            line += (
+                f"   baseline {old['seconds']:6.2f} s {old['growth'] / (size * MB):5.2f} B/char"
+                f"  ({old['seconds'] / first['seconds']:.1f}x / {old['seconds'] / cached['seconds']:.0f}x faster)"
+            )
         print(line + f"  [{load()}]", flush=True)
         text.unlink()
         shutil.rmtree(cache)
@@ -144,9 +160,11 @@ def target_setup(args, tmp: Path, corpus: Path, baseline: Path | None) -> None:
 
 def peak_rss_of(command: list[str], env: dict, cwd: Path) -> tuple[int, str, int]:
     """Run `command` through a middleman whose only child it is: (peak RSS bytes, output, exit code)."""
-    middleman = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-                 "sys.stdout.write(r.stdout + r.stderr); print(); "
-                 "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
+    middleman = (
+        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "sys.stdout.write(r.stdout + r.stderr); print(); "
+        "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
+    )
     out = subprocess.run([sys.executable, "-c", middleman, *command], capture_output=True, text=True, env=env, cwd=cwd)
     *output, last = out.stdout.rstrip().splitlines()
     _, peak_kb, code = last.split()
@@ -154,22 +172,32 @@ def peak_rss_of(command: list[str], env: dict, cwd: Path) -> tuple[int, str, int
 
 
 def target_big(args, tmp: Path, corpus: Path) -> None:
-    print(f"\n2. A cached {args.big} MB text trains one step (bigram, batch 1024): peak RSS of python train.py; "
-          "target < 3 GB", flush=True)
+    print(
+        f"\n2. A cached {args.big} MB text trains one step (bigram, batch 1024): peak RSS of python train.py; "
+        "target < 3 GB",
+        flush=True,
+    )
     text = make_text(tmp / "big.txt", args.big * MB, corpus, f"big {time.time()}")
     cache = tmp / "cache-big"
     first = run_setup(text, cache)
-    print(f"   encoding it the first time: {first['seconds']:.1f} s, peak growth "
-          f"{first['growth'] / (args.big * MB):.2f} B/char  [{load()}]", flush=True)
+    print(
+        f"   encoding it the first time: {first['seconds']:.1f} s, peak growth "
+        f"{first['growth'] / (args.big * MB):.2f} B/char  [{load()}]",
+        flush=True,
+    )
     env = {**os.environ, "SHAKESPEARE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    peak, output, code = peak_rss_of([sys.executable, "train.py", f"data.path={text}", *TINY,
-                                      f"hydra.run.dir={tmp / 'run-big'}"], env, ROOT)
+    peak, output, code = peak_rss_of(
+        [sys.executable, "train.py", f"data.path={text}", *TINY, f"hydra.run.dir={tmp / 'run-big'}"], env, ROOT
+    )
     if code:
         print(output[-3000:])
-    print(f"   one step from the cache: peak RSS {peak / 2**30:.2f} GiB ({peak / (args.big * MB):.2f} B/char), "
-          f"{time.perf_counter() - start:.1f} s for the whole command, exit {code}  "
-          f"{'meets' if peak < 3 * 2**30 and not code else 'MISSES'}  [{load()}]", flush=True)
+    print(
+        f"   one step from the cache: peak RSS {peak / 2**30:.2f} GiB ({peak / (args.big * MB):.2f} B/char), "
+        f"{time.perf_counter() - start:.1f} s for the whole command, exit {code}  "
+        f"{'meets' if peak < 3 * 2**30 and not code else 'MISSES'}  [{load()}]",
+        flush=True,
+    )
     text.unlink()
     shutil.rmtree(cache)
 
@@ -181,28 +209,50 @@ def free_port() -> int:
 
 
 def target_ddp(args, tmp: Path, corpus: Path) -> None:
-    print(f"\n3. Two DDP ranks (gloo) on a fresh {args.ddp} MB text, one training step: encodings (target 1)", flush=True)
+    print(
+        f"\n3. Two DDP ranks (gloo) on a fresh {args.ddp} MB text, one training step: encodings (target 1)", flush=True
+    )
     launchers = {
         "Lightning's launcher": [sys.executable, "train.py"],
-        "torchrun (ranks start together)": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                                            f"--master-port={free_port()}", "train.py"],
+        "torchrun (ranks start together)": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=2",
+            f"--master-port={free_port()}",
+            "train.py",
+        ],
     }
     for name, launch in launchers.items():
         text = make_text(tmp / "ddp.txt", args.ddp * MB, corpus, f"ddp {name} {time.time()}")
         cache = tmp / "cache-ddp"
         env = {**os.environ, "SHAKESPEARE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
         start = time.perf_counter()
-        out = subprocess.run([*launch, "trainer=ddp", "trainer.devices=2", f"data.path={text}", *TINY,
-                              f"hydra.run.dir={tmp / 'run-ddp'}"], capture_output=True, text=True, env=env, cwd=ROOT)
+        out = subprocess.run(
+            [
+                *launch,
+                "trainer=ddp",
+                "trainer.devices=2",
+                f"data.path={text}",
+                *TINY,
+                f"hydra.run.dir={tmp / 'run-ddp'}",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         seconds = time.perf_counter() - start
         output = out.stdout + out.stderr
         encodings = output.count("Encoding ")
         caches = len(list((cache / "tokens").glob("*.bin")))
         if out.returncode:
             print(output[-3000:])
-        print(f"   {name:32s} encodings {encodings}, cache files {caches}, {seconds:.1f} s for the whole command, "
-              f"exit {out.returncode}  {'meets' if encodings == 1 and not out.returncode else 'MISSES'}  [{load()}]",
-              flush=True)
+        print(
+            f"   {name:32s} encodings {encodings}, cache files {caches}, {seconds:.1f} s for the whole command, "
+            f"exit {out.returncode}  {'meets' if encodings == 1 and not out.returncode else 'MISSES'}  [{load()}]",
+            flush=True,
+        )
         text.unlink()
         shutil.rmtree(cache)
         shutil.rmtree(tmp / "run-ddp", ignore_errors=True)
@@ -218,19 +268,23 @@ def target_throughput(args, tmp: Path, corpus: Path, baseline: Path | None) -> N
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from shakespeare.run.composition import CONFIG_DIR
     from shakespeare.data.datamodule import ShakespeareDataModule
+    from shakespeare.run.composition import CONFIG_DIR
     from shakespeare.training.module import ShakespeareModule
 
     print("\n4. tinyshakespeare training steps (batch 1024, sequence 8, one thread) fed by the token cache vs the")
-    print("   baseline's loader; interleaved rounds, medians; the verdict uses CPU time, which neighbours disturb less.")
+    print(
+        "   baseline's loader; interleaved rounds, medians; the verdict uses CPU time, which neighbours disturb less."
+    )
     print("   Target: within 5%", flush=True)
     if baseline is None:
         print("   (no baseline: not a git checkout, or --baseline names a commit with the token cache)")
         return
     torch.set_num_threads(1)
-    loaders = {"cache": ShakespeareDataModule(path=str(corpus), cache_dir=str(tmp / "cache-throughput")),
-               "baseline": import_baseline(baseline).ShakespeareDataModule(path=str(corpus))}
+    loaders = {
+        "cache": ShakespeareDataModule(path=str(corpus), cache_dir=str(tmp / "cache-throughput")),
+        "baseline": import_baseline(baseline).ShakespeareDataModule(path=str(corpus)),
+    }
     for data in loaders.values():
         data.setup()
     batches = {name: endless(data.train_dataloader()) for name, data in loaders.items()}
@@ -242,14 +296,21 @@ def target_throughput(args, tmp: Path, corpus: Path, baseline: Path | None) -> N
                 next(batches[name])
             seconds[name].append(time.perf_counter() - start)
     rate = {name: 500 * 1024 / statistics.median(s) for name, s in seconds.items()}
-    print(f"   {'loader alone':20s} cache {rate['cache'] / 1e6:8.2f}M windows/s baseline {rate['baseline'] / 1e6:6.2f}M "
-          f"windows/s  {rate['cache'] / rate['baseline']:.3f}x  [{load()}]", flush=True)
+    print(
+        f"   {'loader alone':20s} cache {rate['cache'] / 1e6:8.2f}M windows/s baseline {rate['baseline'] / 1e6:6.2f}M "
+        f"windows/s  {rate['cache'] / rate['baseline']:.3f}x  [{load()}]",
+        flush=True,
+    )
     for rung, steps in (("bigram", 300), ("block_norm_dropout", 40)):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             model = OmegaConf.to_container(compose("train", overrides=[f"model={rung}"]).model, resolve=True)
         batches = {name: endless(data.train_dataloader()) for name, data in loaders.items()}
-        modules = {name: ShakespeareModule(loaders["cache"].tokenizer.vocabulary, model, {"_target_": "torch.optim.Adam",
-                                                                                           "lr": 1e-3}) for name in loaders}
+        modules = {
+            name: ShakespeareModule(
+                loaders["cache"].tokenizer.vocabulary, model, {"_target_": "torch.optim.Adam", "lr": 1e-3}
+            )
+            for name in loaders
+        }
         optimizers = {name: torch.optim.Adam(module.parameters(), lr=1e-3) for name, module in modules.items()}
         wall, cpu = {name: [] for name in loaders}, {name: [] for name in loaders}
         for repeat in range(args.repeats):
@@ -265,9 +326,12 @@ def target_throughput(args, tmp: Path, corpus: Path, baseline: Path | None) -> N
                 cpu[name].append(time.process_time() - start_cpu)
         rate = {name: steps * 1024 * 8 / statistics.median(s) for name, s in wall.items()}
         cpu_ratio = statistics.median(cpu["baseline"]) / statistics.median(cpu["cache"])
-        print(f"   {rung:20s} cache {rate['cache'] / 1e3:8.1f}k tokens/s  baseline {rate['baseline'] / 1e3:8.1f}k tokens/s"
-              f"  {rate['cache'] / rate['baseline']:.3f}x (per CPU second {cpu_ratio:.3f}x)  "
-              f"{'meets' if abs(cpu_ratio - 1) <= 0.05 else 'MISSES'}  [{load()}]", flush=True)
+        print(
+            f"   {rung:20s} cache {rate['cache'] / 1e3:8.1f}k tokens/s  baseline {rate['baseline'] / 1e3:8.1f}k tokens/s"
+            f"  {rate['cache'] / rate['baseline']:.3f}x (per CPU second {cpu_ratio:.3f}x)  "
+            f"{'meets' if abs(cpu_ratio - 1) <= 0.05 else 'MISSES'}  [{load()}]",
+            flush=True,
+        )
 
 
 def corpus_path() -> Path:
@@ -292,7 +356,9 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=1000, help="MB of text for the one-step target")
     parser.add_argument("--ddp", type=int, default=100, help="MB of text for the DDP target")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--baseline", default="auto", help="commit whose data.py is the baseline (auto: before the cache)")
+    parser.add_argument(
+        "--baseline", default="auto", help="commit whose data.py is the baseline (auto: before the cache)"
+    )
     parser.add_argument("--tmp", default=tempfile.gettempdir(), help="where the texts and caches are written")
     parser.add_argument("--child-setup", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-baseline", help=argparse.SUPPRESS)
@@ -304,8 +370,10 @@ def main() -> None:
     needed = 2.2 * (args.big * MB if "big" in only else 0) + 2.2 * max(args.sizes + [args.ddp]) * MB
     free = shutil.disk_usage(args.tmp).free
     if free < needed + 1e9:
-        raise SystemExit(f"{args.tmp} has {free / 1e9:.1f} GB free; this needs about {needed / 1e9:.1f} GB. "
-                         "Pass --tmp DIR, a smaller --big, or --only without big.")
+        raise SystemExit(
+            f"{args.tmp} has {free / 1e9:.1f} GB free; this needs about {needed / 1e9:.1f} GB. "
+            "Pass --tmp DIR, a smaller --big, or --only without big."
+        )
     import torch
 
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {free / 1e9:.0f} GB free in {args.tmp}, {load()}")

@@ -46,7 +46,9 @@ def seconds(model, tokenizer, chars: int, num_samples: int, context: str = "auto
     """Wall-clock and CPU seconds to sample `chars` characters in each of `num_samples` streams."""
     generator = torch.Generator().manual_seed(0)
     wall, cpu = time.perf_counter(), time.process_time()
-    steps = sampling.stream(model, tokenizer, "", max_new_tokens=chars, num_samples=num_samples, generator=generator, context=context)
+    steps = sampling.stream(
+        model, tokenizer, "", max_new_tokens=chars, num_samples=num_samples, generator=generator, context=context
+    )
     for _ in steps:
         pass
     return time.perf_counter() - wall, time.process_time() - cpu
@@ -77,21 +79,31 @@ def main() -> None:
         sampling.NextCharacter = whole_model
         runs["per_head"].append(seconds(model, tokenizer, args.chars, 1, context="crop"))
         sampling.NextCharacter = next_character
-    print(f"model: {args.experiment} shape ({type(model.blocks[0].heads).__name__}), sequence {cfg.sequence_length}, embedding {cfg.embedding_size}, {cfg.num_heads} heads, "
-          f"{cfg.num_blocks} block(s), vocabulary {cfg.vocab_size}; torch {torch.__version__}, {args.threads} thread(s); "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"model: {args.experiment} shape ({type(model.blocks[0].heads).__name__}), sequence {cfg.sequence_length}, embedding {cfg.embedding_size}, {cfg.num_heads} heads, "
+        f"{cfg.num_blocks} block(s), vocabulary {cfg.vocab_size}; torch {torch.__version__}, {args.threads} thread(s); "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    )
     for clock, i in (("wall clock", 0), ("CPU time", 1)):
         best = {name: min(t[i] for t in times) for name, times in runs.items()}
         one, ratio = args.chars / best["default"], best["x16"] / best["default"]
         reader = type(sampling.next_character_reader(model, "auto", 1)).__name__
         print(f"[{clock}]")
-        print(f"  one stream:          {one:8,.0f} chars/s  ({reader}; target >= 2,000: {'met' if one >= 2000 else 'MISSED'})")
-        print(f"  context=crop:        {args.chars / best['crop']:8,.0f} chars/s  "
-              f"(NextCharacter; the default is {best['crop'] / best['default']:.2f}x faster)")
-        print(f"  per-head baseline:   {args.chars / best['per_head']:8,.0f} chars/s  "
-              f"(the default is {best['per_head'] / best['default']:.2f}x faster)")
-        print(f"  16 streams:          {16 * args.chars / best['x16']:8,.0f} chars/s in all; cost {ratio:.2f}x one stream "
-              f"(target well under 16x: {'met' if ratio < 8 else 'MISSED'})")
+        print(
+            f"  one stream:          {one:8,.0f} chars/s  ({reader}; target >= 2,000: {'met' if one >= 2000 else 'MISSED'})"
+        )
+        print(
+            f"  context=crop:        {args.chars / best['crop']:8,.0f} chars/s  "
+            f"(NextCharacter; the default is {best['crop'] / best['default']:.2f}x faster)"
+        )
+        print(
+            f"  per-head baseline:   {args.chars / best['per_head']:8,.0f} chars/s  "
+            f"(the default is {best['per_head'] / best['default']:.2f}x faster)"
+        )
+        print(
+            f"  16 streams:          {16 * args.chars / best['x16']:8,.0f} chars/s in all; cost {ratio:.2f}x one stream "
+            f"(target well under 16x: {'met' if ratio < 8 else 'MISSED'})"
+        )
 
 
 if __name__ == "__main__":

@@ -23,10 +23,22 @@ CASES = {
     "bigram, batch 8192 x 64": {"batch_size": 8192, "sequence_length": 64, "attention": "none"},
     "head, batch 2048 x 32": {"batch_size": 2048, "sequence_length": 32, "attention": "head"},
     "block_norm_dropout, batch 4096 x 8": {"batch_size": 4096, "sequence_length": 8, **BLOCK, "dropout": 0.1},
-    "scale_up, batch 1024 x 64": {"batch_size": 1024, "sequence_length": 64, "embedding_size": 64, "num_heads": 8,
-                                  **BLOCK, "dropout": 0.1},
-    "cpu_speedrun (flash), batch 64 x 64": {"batch_size": 64, "sequence_length": 64, "embedding_size": 128,
-                                            "num_blocks": 4, **BLOCK, "fused_attention": True},
+    "scale_up, batch 1024 x 64": {
+        "batch_size": 1024,
+        "sequence_length": 64,
+        "embedding_size": 64,
+        "num_heads": 8,
+        **BLOCK,
+        "dropout": 0.1,
+    },
+    "cpu_speedrun (flash), batch 64 x 64": {
+        "batch_size": 64,
+        "sequence_length": 64,
+        "embedding_size": 128,
+        "num_blocks": 4,
+        **BLOCK,
+        "fused_attention": True,
+    },
 }
 
 MEASURE = """
@@ -49,10 +61,11 @@ print(json.dumps({"estimate": estimate, "measured": (resource.getrusage(resource
 
 
 def main() -> None:
-    print(f"| case | estimate (MiB) | measured peak (MiB) | estimate / measured |\n|---|---:|---:|---:|")
+    print("| case | estimate (MiB) | measured peak (MiB) | estimate / measured |\n|---|---:|---:|---:|")
     for name, case in CASES.items():
-        out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(case)], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", MEASURE, json.dumps(case)], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
         figures = json.loads(out.strip().splitlines()[-1])
         estimate, measured = figures["estimate"] / 2**20, figures["measured"] / 2**20
         print(f"| {name} | {estimate:,.0f} | {measured:,.0f} | {estimate / measured:.2f} |")

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shakespeare.cli.train import fit
+from shakespeare.cli.train import fit  # noqa: E402
 from shakespeare.run.composition import CONFIG_DIR  # noqa: E402
 from shakespeare.run.host import keep_freed_memory  # noqa: E402
 from shakespeare.training.module import ShakespeareModule  # noqa: E402
@@ -65,8 +65,11 @@ class Step:
         cfg = config(overrides)
         data = instantiate(cfg.data)
         data.setup()
-        self.module = ShakespeareModule(data.tokenizer.vocabulary, OmegaConf.to_container(cfg.model, resolve=True),
-                                        OmegaConf.to_container(cfg.optimizer, resolve=True)).train()
+        self.module = ShakespeareModule(
+            data.tokenizer.vocabulary,
+            OmegaConf.to_container(cfg.model, resolve=True),
+            OmegaConf.to_container(cfg.optimizer, resolve=True),
+        ).train()
         self.optimizer = instantiate(cfg.optimizer, params=self.module.parameters())
         self.batch = next(iter(data.train_dataloader()))
 
@@ -96,11 +99,17 @@ def target_fused(args) -> None:
     print("   training step at data.batch_size=1024; target >= 1.10x at every rung from multihead up")
     for rung in args.rungs.split(","):
         steps = 1 if rung == "scale_up" else 10
-        ms = interleaved({"per-head": Step([f"model={rung}"]), "fused": Step([f"model={rung}", "model.fused_attention=true"])},
-                         args.repeats, steps)
+        ms = interleaved(
+            {"per-head": Step([f"model={rung}"]), "fused": Step([f"model={rung}", "model.fused_attention=true"])},
+            args.repeats,
+            steps,
+        )
         ratio = ms["per-head"] / ms["fused"]
-        print(f"   {rung:20s} per-head {ms['per-head']:8.1f} ms  fused {ms['fused']:8.1f} ms  {ratio:5.2f}x  "
-              f"{verdict(ratio, 1.10)}", flush=True)
+        print(
+            f"   {rung:20s} per-head {ms['per-head']:8.1f} ms  fused {ms['fused']:8.1f} ms  {ratio:5.2f}x  "
+            f"{verdict(ratio, 1.10)}",
+            flush=True,
+        )
 
 
 def bare_loop(cfg: DictConfig, batches: int) -> float:
@@ -108,8 +117,11 @@ def bare_loop(cfg: DictConfig, batches: int) -> float:
     start = time.perf_counter()
     data = instantiate(cfg.data)
     data.setup()
-    module = ShakespeareModule(data.tokenizer.vocabulary, OmegaConf.to_container(cfg.model, resolve=True),
-                               OmegaConf.to_container(cfg.optimizer, resolve=True)).train()
+    module = ShakespeareModule(
+        data.tokenizer.vocabulary,
+        OmegaConf.to_container(cfg.model, resolve=True),
+        OmegaConf.to_container(cfg.optimizer, resolve=True),
+    ).train()
     optimizer = module.configure_optimizers()
     for i, (x, y) in enumerate(data.train_dataloader()):
         if i == batches:
@@ -123,10 +135,15 @@ def bare_loop(cfg: DictConfig, batches: int) -> float:
 
 def target_framework(args) -> None:
     batches = args.framework_batches
-    print(f"\n2. Lightning's fit (the default trainer, callbacks, progress bar, TensorBoard) vs a bare PyTorch loop")
+    print("\n2. Lightning's fit (the default trainer, callbacks, progress bar, TensorBoard) vs a bare PyTorch loop")
     print(f"   over the same model and batches: block_norm_dropout, {batches} batches, no validation; target <= 1.05x")
-    overrides = ["model=block_norm_dropout", "trainer.max_epochs=1", f"trainer.limit_train_batches={batches}",
-                 "trainer.limit_val_batches=0", "callbacks.model_checkpoint.save_last=false"]
+    overrides = [
+        "model=block_norm_dropout",
+        "trainer.max_epochs=1",
+        f"trainer.limit_train_batches={batches}",
+        "trainer.limit_val_batches=0",
+        "callbacks.model_checkpoint.save_last=false",
+    ]
     times = {"bare": [], "lightning": []}
     for _ in range(args.framework_repeats):
         times["bare"].append(bare_loop(config(overrides), batches))
@@ -136,8 +153,11 @@ def target_framework(args) -> None:
         times["lightning"].append(time.perf_counter() - start)
     bare, lightning = statistics.median(times["bare"]), statistics.median(times["lightning"])
     ratio = lightning / bare
-    print(f"   bare {bare:.2f} s ({1e3 * bare / batches:.1f} ms/step)  lightning {lightning:.2f} s  {ratio:.3f}x  "
-          f"{'meets' if ratio <= 1.05 else f'MISSES by {100 * (ratio - 1.05):.1f} points'}", flush=True)
+    print(
+        f"   bare {bare:.2f} s ({1e3 * bare / batches:.1f} ms/step)  lightning {lightning:.2f} s  {ratio:.3f}x  "
+        f"{'meets' if ratio <= 1.05 else f'MISSES by {100 * (ratio - 1.05):.1f} points'}",
+        flush=True,
+    )
 
 
 class PerWindow(torch.utils.data.Dataset):
@@ -170,16 +190,19 @@ def target_data(args) -> None:
     for batch_size in (1024, 32):
         data = instantiate(config(["data.sequence_length=64", f"data.batch_size={batch_size}"]).data)
         data.setup()
-        baseline = torch.utils.data.DataLoader(PerWindow(data.cache.ids(), data.train_windows.all(), 64),
-                                               batch_size=batch_size, shuffle=True)
+        baseline = torch.utils.data.DataLoader(
+            PerWindow(data.cache.ids(), data.train_windows.all(), 64), batch_size=batch_size, shuffle=True
+        )
         ours, theirs = [], []
         for _ in range(args.repeats):
             ours.append(windows_per_second(data.train_dataloader()))
             theirs.append(windows_per_second(baseline, 30_000))
         ours, theirs = statistics.median(ours), statistics.median(theirs)
-        print(f"   batch {batch_size:5d}: SlidingWindows {ours / 1e6:5.2f}M/s  per-window Dataset + collate "
-              f"{theirs / 1e6:5.2f}M/s  ({ours / theirs:.0f}x)  {verdict(ours / 1e6, 1.0) if batch_size == 1024 else ''}",
-              flush=True)
+        print(
+            f"   batch {batch_size:5d}: SlidingWindows {ours / 1e6:5.2f}M/s  per-window Dataset + collate "
+            f"{theirs / 1e6:5.2f}M/s  ({ours / theirs:.0f}x)  {verdict(ours / 1e6, 1.0) if batch_size == 1024 else ''}",
+            flush=True,
+        )
 
 
 def worker(overrides: list[str], keep: bool, steps: int) -> None:
@@ -194,8 +217,17 @@ def worker(overrides: list[str], keep: bool, steps: int) -> None:
 
 
 def in_process(overrides: list[str], keep: bool, steps: int, threads: int) -> tuple[float, float]:
-    command = [sys.executable, __file__, "--worker", "--threads", str(threads), "--steps", str(steps),
-               *(["--keep"] if keep else []), *overrides]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--threads",
+        str(threads),
+        "--steps",
+        str(steps),
+        *(["--keep"] if keep else []),
+        *overrides,
+    ]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
     return float(out[-2]), float(out[-1])
 
@@ -213,23 +245,35 @@ def target_allocator(args) -> None:
             runs[keep].append(in_process(overrides, keep, 3, args.threads))
     (glibc, glibc_faults), (kept, kept_faults) = ([statistics.median(x) for x in zip(*runs[k])] for k in (False, True))
     print(f"   default malloc {1e3 * glibc:7.0f} ms/step {glibc_faults:9.0f} page faults/step")
-    print(f"   kept memory    {1e3 * kept:7.0f} ms/step {kept_faults:9.0f} page faults/step  {glibc / kept:.2f}x", flush=True)
+    print(
+        f"   kept memory    {1e3 * kept:7.0f} ms/step {kept_faults:9.0f} page faults/step  {glibc / kept:.2f}x",
+        flush=True,
+    )
 
 
 def target_flash(args) -> None:
     print("\n5. Opt-in flash attention (model.attention_dropout=0.0, fused) at the scale-up shape; target >= 2x")
-    ms = interleaved({
-        "per-head": Step(["model=scale_up"]),
-        "fused": Step(["model=scale_up", "model.fused_attention=true"]),
-        "flash": Step(["model=scale_up", "model.fused_attention=true", "model.attention_dropout=0.0"]),
-    }, args.repeats, 1)
+    ms = interleaved(
+        {
+            "per-head": Step(["model=scale_up"]),
+            "fused": Step(["model=scale_up", "model.fused_attention=true"]),
+            "flash": Step(["model=scale_up", "model.fused_attention=true", "model.attention_dropout=0.0"]),
+        },
+        args.repeats,
+        1,
+    )
     for name in ("per-head", "fused"):
         ratio = ms[name] / ms["flash"]
         print(f"   flash {ms['flash']:7.0f} ms vs {name:8s} {ms[name]:7.0f} ms  {ratio:5.2f}x  {verdict(ratio, 2.0)}")
 
 
-TARGETS = {"fused": target_fused, "framework": target_framework, "data": target_data, "allocator": target_allocator,
-           "flash": target_flash}
+TARGETS = {
+    "fused": target_fused,
+    "framework": target_framework,
+    "data": target_data,
+    "allocator": target_allocator,
+    "flash": target_flash,
+}
 
 
 def main() -> None:

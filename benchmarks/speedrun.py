@@ -36,15 +36,35 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-NANOGPT_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1",
-               "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
-               "--lr_decay_iters=2000", "--dropout=0.0"]
+NANOGPT_CPU = [
+    "config/train_shakespeare_char.py",
+    "--device=cpu",
+    "--compile=False",
+    "--eval_iters=20",
+    "--log_interval=1",
+    "--block_size=64",
+    "--batch_size=12",
+    "--n_layer=4",
+    "--n_head=4",
+    "--n_embd=128",
+    "--max_iters=2000",
+    "--lr_decay_iters=2000",
+    "--dropout=0.0",
+]
 RATIOS = ((1.88, 0.4), (1.76, 0.8), (1.60, 2.0))  # (val loss, allowed multiple of nanoGPT's wall time)
 TEN_MINUTES, FIFTEEN_MINUTES = (1.50, 600.0), (1.47, 900.0)  # (val loss, seconds from the command starting)
 # fifteen minutes buy a wider model on a longer context (Muon's weight decay against overfitting; no dropout,
 # which costs a quarter of a CPU step)
-MOONSHOT = ["trainer.max_time=00:00:14:40", "model.embedding_size=192", "model.num_heads=6", "data.sequence_length=256",
-            "data.val_stride=256", "data.batch_size=8", "optimizer.lr=0.04", "optimizer.weight_decay=0.15"]
+MOONSHOT = [
+    "trainer.max_time=00:00:14:40",
+    "model.embedding_size=192",
+    "model.num_heads=6",
+    "data.sequence_length=256",
+    "data.val_stride=256",
+    "data.batch_size=8",
+    "optimizer.lr=0.04",
+    "optimizer.weight_decay=0.15",
+]
 PARTS = ("ratios", "ten", "moonshot", "ladder")
 
 
@@ -54,8 +74,14 @@ def load() -> str:
 
 def train(args: list[str], threads: int, out: str) -> float:
     """Run `python train.py args` writing under `out`; returns its wall seconds."""
-    command = [sys.executable, str(ROOT / "train.py"), *args, f"paths.log_dir={out}", f"host.threads={threads}",
-               "trainer.enable_progress_bar=false"]
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *args,
+        f"paths.log_dir={out}",
+        f"host.threads={threads}",
+        "trainer.enable_progress_bar=false",
+    ]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=out)
     if result.returncode != 0:
@@ -79,8 +105,9 @@ def run_nanogpt(path: Path, threads: int) -> tuple[float, float]:
     """Wall seconds of nanoGPT's CPU recipe and its final validation loss."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "train.py", *NANOGPT_CPU], cwd=path, env=env, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "train.py", *NANOGPT_CPU], cwd=path, env=env, check=True, capture_output=True, text=True
+    ).stdout
     wall = time.perf_counter() - start
     return wall, float(re.findall(r"step 2000: train loss [\d.]+, val loss ([\d.]+)", out)[-1])
 
@@ -99,24 +126,36 @@ def ratios(nanogpt: Path, threads: int) -> list[str]:
     print(f"nanoGPT CPU recipe: {reference:.1f} s, val loss {final:.4f}  ({load()})", flush=True)
     wall, _ = run_ours(["trainer.max_time={seconds:1}"], threads)
     overhead = wall - 1  # start-up before the first step, and the final validation, sample and checkpoint after it
-    print(f"cpu_speedrun start-up and wind-down: {overhead:.1f} s (a 1-second budget took {wall:.1f} s)  ({load()})", flush=True)
+    print(
+        f"cpu_speedrun start-up and wind-down: {overhead:.1f} s (a 1-second budget took {wall:.1f} s)  ({load()})",
+        flush=True,
+    )
     lines = []
     for loss, multiple in RATIOS:
         target = multiple * reference
         budget = int(target - overhead - 1)  # whole seconds (Lightning's max_time); a second for the steps in flight
         if budget < 1:
-            lines.append(f"val loss <= {loss} within {multiple}x nanoGPT's time ({target:.0f} s): MISSES (start-up alone takes {overhead:.0f} s)")
+            lines.append(
+                f"val loss <= {loss} within {multiple}x nanoGPT's time ({target:.0f} s): MISSES (start-up alone takes {overhead:.0f} s)"
+            )
             continue
         wall, points = run_ours([f"trainer.max_time={{seconds:{budget}}}"], threads)
         reached = next((s for s, _, v in points if v <= loss), None)
         best = min(v for _, _, v in points)
-        print(f"cpu_speedrun trainer.max_time={budget}s: {wall:.1f} s, val loss at {curve(points)}  ({load()})", flush=True)
+        print(
+            f"cpu_speedrun trainer.max_time={budget}s: {wall:.1f} s, val loss at {curve(points)}  ({load()})",
+            flush=True,
+        )
         if reached is None:
-            lines.append(f"val loss <= {loss} within {multiple}x nanoGPT's time ({target:.0f} s): not reached, best {best:.4f} "
-                         f"after {wall:.0f} s  MISSES  ({load()})")
+            lines.append(
+                f"val loss <= {loss} within {multiple}x nanoGPT's time ({target:.0f} s): not reached, best {best:.4f} "
+                f"after {wall:.0f} s  MISSES  ({load()})"
+            )
         else:
-            lines.append(f"val loss <= {loss}: {reached:6.1f} s = {reached / reference:.2f}x nanoGPT's time (target <= {multiple}x; "
-                         f"best {best:.4f})  {verdict(reached <= target)}  ({load()})")
+            lines.append(
+                f"val loss <= {loss}: {reached:6.1f} s = {reached / reference:.2f}x nanoGPT's time (target <= {multiple}x; "
+                f"best {best:.4f})  {verdict(reached <= target)}  ({load()})"
+            )
     return lines
 
 
@@ -126,8 +165,10 @@ def within(name: str, overrides: list[str], threads: int, loss: float, seconds: 
     print(f"cpu_speedrun {' '.join(overrides)}: {wall:.1f} s, val loss at {curve(points)}  ({load()})", flush=True)
     in_time = [v for s, _, v in points if s <= seconds]
     best = min(in_time) if in_time else float("nan")
-    return [f"{name}: best val loss within {seconds / 60:.0f} min of the command starting: {best:.4f} (target <= {loss}; "
-            f"the command took {wall:.0f} s)  {verdict(best <= loss)}  ({load()})"]
+    return [
+        f"{name}: best val loss within {seconds / 60:.0f} min of the command starting: {best:.4f} (target <= {loss}; "
+        f"the command took {wall:.0f} s)  {verdict(best <= loss)}  ({load()})"
+    ]
 
 
 def ladder(threads: int, overrides: list[str]) -> list[str]:
@@ -147,7 +188,9 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for both sides (host.threads)")
     parser.add_argument("--moonshot", nargs="*", default=MOONSHOT, help="cpu_speedrun overrides for the 15-minute run")
-    parser.add_argument("--ladder", nargs="*", default=[], help="overrides for the modern ladder, e.g. trainer.max_time=00:00:05:00")
+    parser.add_argument(
+        "--ladder", nargs="*", default=[], help="overrides for the modern ladder, e.g. trainer.max_time=00:00:05:00"
+    )
     args = parser.parse_args()
     parts = args.parts.split(",")
     if unknown := set(parts) - set(PARTS):

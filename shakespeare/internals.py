@@ -82,13 +82,22 @@ def torch_newton_schulz() -> Callable[..., Any]:
 
 
 # Hydra: the launchers' loggers, which list each job's overrides as Hydra writes them, escapes and all
-LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher._core",
-                    "hydra_plugins.hydra_submitit_launcher.submitit_launcher")
+LAUNCHER_LOGGERS = (
+    "hydra._internal.core_plugins.basic_launcher",
+    "hydra_plugins.hydra_joblib_launcher._core",
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher",
+)
 
 
 def _trainer() -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                     enable_model_summary=False)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
 
 
 def _logs_in(module: str) -> bool:
@@ -100,14 +109,19 @@ def _logs_in(module: str) -> bool:
 
 
 HOOKS: dict[str, Callable[[], bool]] = {
-    "lightning: Trainer._signal_connector.received_sigterm": lambda: hasattr(_trainer()._signal_connector, "received_sigterm"),
-    "lightning: Trainer._accelerator_connector.cluster_environment":
-        lambda: isinstance(cluster_environment(_trainer()), ClusterEnvironment),
+    "lightning: Trainer._signal_connector.received_sigterm": lambda: hasattr(
+        _trainer()._signal_connector, "received_sigterm"
+    ),
+    "lightning: Trainer._accelerator_connector.cluster_environment": lambda: isinstance(
+        cluster_environment(_trainer()), ClusterEnvironment
+    ),
     "lightning: _SubprocessScriptLauncher (plain DDP's launcher)": lambda: callable(_SubprocessScriptLauncher.kill),
     "lightning: _ChildProcessObserver._run and ._child_processes": lambda: (
-        callable(_ChildProcessObserver._run) and "_child_processes" in _ChildProcessObserver.__init__.__code__.co_names),
+        callable(_ChildProcessObserver._run) and "_child_processes" in _ChildProcessObserver.__init__.__code__.co_names
+    ),
     "torch: distributed_c10d._set_pg_timeout": lambda: callable(dist.distributed_c10d._set_pg_timeout),
-    "torch: optim._muon._zeropower_via_newtonschulz, called by Muon.step":
-        lambda: callable(torch_newton_schulz()) and "_zeropower_via_newtonschulz" in torch_muon.__dict__,
+    "torch: optim._muon._zeropower_via_newtonschulz, called by Muon.step": lambda: (
+        callable(torch_newton_schulz()) and "_zeropower_via_newtonschulz" in torch_muon.__dict__
+    ),
     **{f"hydra: the logger of {name}": (lambda name=name: _logs_in(name)) for name in LAUNCHER_LOGGERS},
 }

@@ -43,8 +43,18 @@ class Range:
         """`a whole number of at least 1`, `a number in [0, 1)`, `..., or -1 (no limit)`."""
         kind = "a whole number" if whole else "a number"
         if math.inf in (self.high, -(self.low or 0)):  # an open infinite end: any finite number that far
-            return Range(None if self.low == -math.inf else self.low, None if self.high == math.inf else self.high,
-                         self.low_open, self.high_open, self.also, self.means).describe(whole).replace("a ", "a finite ", 1)
+            return (
+                Range(
+                    None if self.low == -math.inf else self.low,
+                    None if self.high == math.inf else self.high,
+                    self.low_open,
+                    self.high_open,
+                    self.also,
+                    self.means,
+                )
+                .describe(whole)
+                .replace("a ", "a finite ", 1)
+            )
         low, high = shown(self.low), shown(self.high)
         if self.low is not None and self.high is not None:
             text = f"{kind} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
@@ -100,7 +110,9 @@ TORCH_SEED = Range(-(2**63), 2**64, high_open=True, means="the seeds torch's gen
 def ranges_of(builder: Callable) -> dict[str, tuple[Rule, bool]]:
     """The Range each parameter of `builder` (a class, dataclass or function) is annotated with, and whether the
     parameter counts (an `int`: a whole number)."""
-    function = builder.__init__ if isinstance(builder, type) and not hasattr(builder, "__dataclass_fields__") else builder
+    function = (
+        builder.__init__ if isinstance(builder, type) and not hasattr(builder, "__dataclass_fields__") else builder
+    )
     try:
         hints = typing.get_type_hints(function, include_extras=True)
     except Exception:  # an annotation only a type checker imports: no ranges to read

@@ -85,8 +85,9 @@ class ByteTokenizer:
     def stream_decoder(self) -> StreamDecoder:
         """Text for byte ids arriving one at a time: a character split over several bytes appears once complete."""
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        return StreamDecoder(lambda i: utf8.decode(bytes((i - 1,))) if i != self.pad_id else "",
-                             lambda: utf8.decode(b"", final=True))
+        return StreamDecoder(
+            lambda i: utf8.decode(bytes((i - 1,))) if i != self.pad_id else "", lambda: utf8.decode(b"", final=True)
+        )
 
 
 class StreamDecoder:

@@ -56,7 +56,9 @@ class RecordStop(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / f"rank{trainer.global_rank}.txt").write_text(f"{trainer.global_step} {type(exception).__name__}\n")
+        (self.folder / f"rank{trainer.global_rank}.txt").write_text(
+            f"{trainer.global_step} {type(exception).__name__}\n"
+        )
 
 
 class PoisonAt(L.Callback):
@@ -94,7 +96,9 @@ class ScriptedValLoss(L.Callback):
         if trainer.sanity_checking:
             return
         value = torch.tensor(float(self.losses[min(self.validations, len(self.losses) - 1)]))
-        module.model.losses = lambda idx, targets: value.expand(targets.shape)  # shadows the method for this validation only
+        module.model.losses = lambda idx, targets: value.expand(
+            targets.shape
+        )  # shadows the method for this validation only
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not trainer.sanity_checking:

@@ -25,7 +25,9 @@ from shakespeare.errors import UsageError
 from shakespeare.tokenizer import CharTokenizer
 from tests.harness import compose_generate, compose_train
 
-TEXT8_LIKE = " ".join("anarchism originated as a term of abuse first used against early working class".split() * 40).encode()
+TEXT8_LIKE = " ".join(
+    "anarchism originated as a term of abuse first used against early working class".split() * 40
+).encode()
 
 
 def sha256(data: bytes) -> str:
@@ -94,7 +96,10 @@ def test_a_zipped_corpus_is_downloaded_verified_unpacked_and_cached(tmp_path, se
     assert fetch_corpus(*args) == text
     text.unlink()  # the verified zip is kept: the text is unpacked again without the network
     assert fetch_corpus(*args).read_bytes() == TEXT8_LIKE
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")) == ["text8", "text8.zip"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")) == [
+        "text8",
+        "text8.zip",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -137,12 +142,17 @@ def test_offline_a_copy_in_the_cache_is_used_and_a_wrong_one_named(tmp_path):
     unreachable = "http://127.0.0.1:9/text8.zip"
     assert fetch_corpus(unreachable, sha256(TEXT8_LIKE), cache, "text8", "0" * 64) == cache / "text8"
     (cache / "text8").write_bytes(b"something else")
-    with pytest.raises(UsageError, match=r"Could not download .*put a verified copy at .*text8.*The copy of text8 there has SHA-256"):
+    with pytest.raises(
+        UsageError, match=r"Could not download .*put a verified copy at .*text8.*The copy of text8 there has SHA-256"
+    ):
         fetch_corpus(unreachable, sha256(TEXT8_LIKE), cache, "text8", "0" * 64)
     assert (cache / "text8").read_bytes() == b"something else"  # the user's file is never deleted
     (cache / "text8.zip").write_bytes(b"another version")
-    with pytest.raises(UsageError, match=rf"The file already at {cache / 'text8.zip'} does not match: its SHA-256 is "
-                                         rf"{sha256(b'another version')}, the published one 0{{64}} \(data.archive_sha256\)"):
+    with pytest.raises(
+        UsageError,
+        match=rf"The file already at {cache / 'text8.zip'} does not match: its SHA-256 is "
+        rf"{sha256(b'another version')}, the published one 0{{64}} \(data.archive_sha256\)",
+    ):
         fetch_corpus(unreachable, sha256(TEXT8_LIKE), cache, "text8", "0" * 64)
     assert not list(cache.glob("*.lock"))  # a failed fetch leaves no lock file behind
 
@@ -173,7 +183,9 @@ def test_a_cached_corpus_needs_neither_its_text_nor_the_network(tmp_path, corpus
     corpus.unlink()  # offline, and the downloaded text gone: its tokens are keyed by its published SHA-256
     again = ShakespeareDataModule(**settings)
     again.setup()
-    assert torch.equal(again.cache.tokens, first.cache.tokens) and again.tokenizer.vocabulary == first.tokenizer.vocabulary
+    assert (
+        torch.equal(again.cache.tokens, first.cache.tokens) and again.tokenizer.vocabulary == first.tokenizer.vocabulary
+    )
 
 
 def test_shakespeare_corpus_names_a_local_copy(corpus, monkeypatch):
@@ -258,7 +270,9 @@ def damage(path: Path, how: str) -> None:
         record.unlink()
 
 
-@pytest.mark.parametrize("how", ["truncated", "flipped byte", "garbled record", "old format", "record lacks fields", "no record"])
+@pytest.mark.parametrize(
+    "how", ["truncated", "flipped byte", "garbled record", "old format", "record lacks fields", "no record"]
+)
 def test_a_stale_or_damaged_cache_is_rebuilt_never_trusted(tmp_path, corpus, caplog, how):
     first = load_tokens([corpus], "char", tmp_path / "cache")
     expected = first.ids().clone()
@@ -314,7 +328,9 @@ def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path, corpus, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(token_cache.os, "replace", no_space)
-    with pytest.raises(UsageError, match="Could not write the token cache .*No space left on device.*SHAKESPEARE_CACHE"):
+    with pytest.raises(
+        UsageError, match="Could not write the token cache .*No space left on device.*SHAKESPEARE_CACHE"
+    ):
         load_tokens([corpus], "char", tmp_path / "cache")
     assert [p.name for p in (tmp_path / "cache" / "tokens").iterdir() if not p.name.endswith(".lock")] == []
 
@@ -327,8 +343,15 @@ def text8_like(path: Path, n_chars: int = 60_000) -> Path:
     return path
 
 
-TINY_RUN = ["model=bigram", "data.batch_size=64", "trainer.max_epochs=2", "trainer.limit_train_batches=10",
-            "trainer.limit_val_batches=5", "trainer.enable_progress_bar=false", "callbacks.generation_sample.max_new_tokens=0"]
+TINY_RUN = [
+    "model=bigram",
+    "data.batch_size=64",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=10",
+    "trainer.limit_val_batches=5",
+    "trainer.enable_progress_bar=false",
+    "callbacks.generation_sample.max_new_tokens=0",
+]
 
 
 @pytest.mark.slow
@@ -350,7 +373,9 @@ def test_text8_trains_then_tests_best_ckpt_and_every_record_shows_bits_per_chara
     data.setup()
     with torch.no_grad():
         losses = [(model.loss(x, y) * len(x), len(x)) for x, y in data.test_dataloader()]
-    assert metrics["test/loss"] == pytest.approx(float(sum(l for l, _ in losses) / sum(n for _, n in losses)), rel=1e-4)
+    assert metrics["test/loss"] == pytest.approx(
+        float(sum(loss for loss, _ in losses) / sum(n for _, n in losses)), rel=1e-4
+    )
     assert sum(n for _, n in losses) == len(range(60_000 - 3000, 60_000 - 8, 8))
     events = EventAccumulator(str(run), size_guidance={"scalars": 0})
     events.Reload()

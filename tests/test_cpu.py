@@ -61,9 +61,15 @@ def test_big_blocks_are_reused_without_page_faults():
 
 
 def test_cpu_speedrun_validates_at_its_last_step(tiny_cfg):
-    cfg = tiny_cfg("experiment=cpu_speedrun", "trainer.max_steps=4", "trainer.val_check_interval=2", "data.batch_size=8")
+    cfg = tiny_cfg(
+        "experiment=cpu_speedrun", "trainer.max_steps=4", "trainer.val_check_interval=2", "data.batch_size=8"
+    )
     metrics = fit(cfg)
-    assert cfg.model.qk_norm and cfg.model.norm == "layer" and cfg.optimizer._target_ == "shakespeare.training.muon.MuonAdamW"
+    assert (
+        cfg.model.qk_norm
+        and cfg.model.norm == "layer"
+        and cfg.optimizer._target_ == "shakespeare.training.muon.MuonAdamW"
+    )
     assert cfg.model.fused_attention and cfg.model.attention_dropout is None and cfg.model.dropout == 0.0
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
 
@@ -84,7 +90,9 @@ def test_auto_threads_take_the_cores_other_work_leaves_free(busy, threads, monke
 def test_busy_cores_sees_another_process_spinning():
     if cpu.busy_cores(0.01) is None:
         pytest.skip("no /proc/stat on this system")
-    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 5\nwhile time.time() < end: pass"])
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nend = time.time() + 5\nwhile time.time() < end: pass"]
+    )
     try:
         time.sleep(0.3)  # the interpreter started
         assert cpu.busy_cores(0.5) >= 0.6  # one core busy, measured from outside that process

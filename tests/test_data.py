@@ -174,9 +174,13 @@ def test_a_folder_of_texts_is_read_in_order_and_no_window_spans_two_files(tmp_pa
     dm.setup()
     assert dm.cache.lengths == [400, 600, 500] and dm.tokenizer.decode(dm.cache.ids(0, 4)) == "cdcd"
     assert dm.tokenizer.vocabulary == [PAD, *"abcdef"]
-    windows = [dm.tokenizer.decode(torch.cat([x, y[:, -1:]], 1)[i]) for x, y in dm.train_dataloader() for i in range(len(x))]
+    windows = [
+        dm.tokenizer.decode(torch.cat([x, y[:, -1:]], 1)[i]) for x, y in dm.train_dataloader() for i in range(len(x))
+    ]
     assert len(windows) == len(dm.train_windows) == (400 - 8) + (600 - 8) + (1500 - 150 - 1000 - 8)
-    assert all(len(set(w) & set("ab")) in (0, len(set(w))) and len(set(w) & set("cd")) in (0, len(set(w))) for w in windows)
+    assert all(
+        len(set(w) & set("ab")) in (0, len(set(w))) and len(set(w) & set("cd")) in (0, len(set(w))) for w in windows
+    )
     markdown = ShakespeareDataModule(path=str(folder / "*.md"), cache_dir=str(tmp_path / "cache"))
     assert markdown.tokenizer.vocabulary == [PAD, "x", "y", "z"]
 
@@ -194,8 +198,13 @@ def test_a_folder_or_glob_without_texts_is_named(tmp_path, pattern, message):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "does not exist"), (b"", "is empty"), (b" \n\t", "is empty"), (b"\xff\xfe\x00bad", r"not UTF-8 text \(byte 0"),
-     (b"ab\x00cd", "looks binary")],
+    [
+        (None, "does not exist"),
+        (b"", "is empty"),
+        (b" \n\t", "is empty"),
+        (b"\xff\xfe\x00bad", r"not UTF-8 text \(byte 0"),
+        (b"ab\x00cd", "looks binary"),
+    ],
 )
 def test_bad_files_are_named(tmp_path, content, message):
     path = tmp_path / "text.txt"
@@ -214,8 +223,13 @@ def test_text_too_short_for_one_window(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, key",
-    [({"batch_size": 0}, "data.batch_size=0"), ({"split": "shuffled"}, "data.split"), ({"unit": "word"}, "data.unit='word'"),
-     ({"test_fraction": 0.9}, "data.test_fraction=0.9"), ({"test_fraction": -0.1}, "data.test_fraction=-0.1")],
+    [
+        ({"batch_size": 0}, "data.batch_size=0"),
+        ({"split": "shuffled"}, "data.split"),
+        ({"unit": "word"}, "data.unit='word'"),
+        ({"test_fraction": 0.9}, "data.test_fraction=0.9"),
+        ({"test_fraction": -0.1}, "data.test_fraction=-0.1"),
+    ],
 )
 def test_bad_data_values_are_named(corpus, kwargs, key):
     with pytest.raises(UsageError, match=key):

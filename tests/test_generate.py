@@ -34,20 +34,32 @@ def run(tmp_path_factory) -> SimpleNamespace:
     """A tiny model trained for two short epochs; its corpus is deleted afterwards."""
     tmp = tmp_path_factory.mktemp("generate")
     corpus = write_corpus(tmp / "corpus.txt")
-    cfg = compose_train(tmp / "run", [
-        f"data.path={corpus}", "model=block_norm_dropout", "data.batch_size=32", "trainer.max_epochs=2",
-        "trainer.limit_train_batches=20", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
-        "callbacks.generation_sample.max_new_tokens=50", "optimizer.lr=0.01",
-    ])
+    cfg = compose_train(
+        tmp / "run",
+        [
+            f"data.path={corpus}",
+            "model=block_norm_dropout",
+            "data.batch_size=32",
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=20",
+            "trainer.limit_val_batches=2",
+            "trainer.enable_progress_bar=false",
+            "callbacks.generation_sample.max_new_tokens=50",
+            "optimizer.lr=0.01",
+        ],
+    )
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         fit(cfg)
     vocabulary = sorted(set(corpus.read_text()))
     corpus.unlink()
-    return SimpleNamespace(folder=tmp / "run", best=tmp / "run" / "checkpoints" / "best.ckpt", stdout=out.getvalue(),
-                           vocabulary=vocabulary, tmp=tmp)
-
-
+    return SimpleNamespace(
+        folder=tmp / "run",
+        best=tmp / "run" / "checkpoints" / "best.ckpt",
+        stdout=out.getvalue(),
+        vocabulary=vocabulary,
+        tmp=tmp,
+    )
 
 
 def test_the_checkpoint_alone_rebuilds_the_model_with_weights_only_loading(run):
@@ -62,15 +74,21 @@ def test_the_checkpoint_alone_rebuilds_the_model_with_weights_only_loading(run):
 
 def test_generate_streams_the_prompt_and_its_continuation(run):
     out = io.StringIO()
-    texts = write_samples(compose_generate(f"ckpt_path={run.best}", "prompt=ROMEO:", "max_new_tokens=80", "seed=3"), out)
+    texts = write_samples(
+        compose_generate(f"ckpt_path={run.best}", "prompt=ROMEO:", "max_new_tokens=80", "seed=3"), out
+    )
     assert out.getvalue() == f"ROMEO:{texts[0]}\n" and len(texts[0]) == 80 and PAD not in texts[0]
-    again = write_samples(compose_generate(f"ckpt_path={run.folder}", "prompt=ROMEO:", "max_new_tokens=80", "seed=3"), io.StringIO())
+    again = write_samples(
+        compose_generate(f"ckpt_path={run.folder}", "prompt=ROMEO:", "max_new_tokens=80", "seed=3"), io.StringIO()
+    )
     assert again == texts
     out = io.StringIO()
     write_samples(compose_generate(f"ckpt_path={run.best}", r'prompt="ROMEO:\nO lord"', "max_new_tokens=3"), out)
     assert out.getvalue().startswith("ROMEO:\nO lord")
     out = io.StringIO()
-    texts = write_samples(compose_generate(f"ckpt_path={run.best}", "num_samples=3", "max_new_tokens=30", "top_k=5"), out)
+    texts = write_samples(
+        compose_generate(f"ckpt_path={run.best}", "num_samples=3", "max_new_tokens=30", "top_k=5"), out
+    )
     assert len(set(texts)) == 3 and out.getvalue().count("---------- Sample ") == 3
 
 
@@ -114,7 +132,9 @@ def test_bad_checkpoints_are_named_with_what_was_expected(run, tmp_path):
         load_generator(tmp_path)
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(run.best.read_bytes()[:5000])
-    with pytest.raises(UsageError, match=r"truncated.ckpt' cannot be read: it is cut short or not a PyTorch checkpoint at all"):
+    with pytest.raises(
+        UsageError, match=r"truncated.ckpt' cannot be read: it is cut short or not a PyTorch checkpoint at all"
+    ):
         load_generator(truncated)
     (tmp_path / "text.ckpt").write_text("ROMEO: not a checkpoint")
     with pytest.raises(UsageError, match=r"text.ckpt' cannot be read: it is cut short or not a PyTorch checkpoint"):
@@ -123,13 +143,17 @@ def test_bad_checkpoints_are_named_with_what_was_expected(run, tmp_path):
     with zipfile.ZipFile(run.best) as source, zipfile.ZipFile(damaged, "w") as target:
         for item in source.infolist():  # a valid zip whose tensor data is cut short
             target.writestr(item, source.read(item)[:7] if "/data/" in item.filename else source.read(item))
-    with pytest.raises(UsageError, match=r"damaged.ckpt' cannot be read: torch cannot read its records: it is damaged or truncated"):
+    with pytest.raises(
+        UsageError, match=r"damaged.ckpt' cannot be read: torch cannot read its records: it is damaged or truncated"
+    ):
         load_generator(damaged)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.ckpt")
     with pytest.raises(UsageError, match=r"other.ckpt' is a PyTorch file but not a checkpoint of this project"):
         load_generator(tmp_path / "other.ckpt")
     torch.save({"object": Foreign()}, tmp_path / "pickled.ckpt")
-    with pytest.raises(UsageError, match=r"pickled.ckpt' cannot be read: it holds Python objects \(tests.test_generate.Foreign\)"):
+    with pytest.raises(
+        UsageError, match=r"pickled.ckpt' cannot be read: it holds Python objects \(tests.test_generate.Foreign\)"
+    ):
         load_generator(tmp_path / "pickled.ckpt")
     checkpoint = torch.load(run.best, weights_only=True)
     checkpoint["hyper_parameters"]["model"]["embedding_size"] *= 2
@@ -153,14 +177,22 @@ def test_generate_refuses_bad_options(run):
     with pytest.raises(UsageError, match="ckpt_path is not set"):
         write_samples(compose_generate(), io.StringIO())
     out = io.StringIO()
-    write_samples(compose_generate(f"ckpt_path={run.best}", "prompt=ROMEO:QX", "on_unknown=skip", "max_new_tokens=5"), out)
+    write_samples(
+        compose_generate(f"ckpt_path={run.best}", "prompt=ROMEO:QX", "on_unknown=skip", "max_new_tokens=5"), out
+    )
     assert out.getvalue().startswith("ROMEO:") and len(out.getvalue()) == len("ROMEO:") + 5 + 1
 
 
 def run_generate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "generate.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "generate.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
@@ -223,7 +255,10 @@ def test_ckpt_path_last_writes_with_the_newest_runs_best_checkpoint(run, tmp_pat
     import shutil
 
     outputs = tmp_path / "outputs"
-    for when, folder in ((1_000, "2026-01-01/10-00-00-000000_old"), (2_000, "multiruns/2026-01-02/09-00-00-000000/0_new")):
+    for when, folder in (
+        (1_000, "2026-01-01/10-00-00-000000_old"),
+        (2_000, "multiruns/2026-01-02/09-00-00-000000/0_new"),
+    ):
         best = outputs / folder / "checkpoints" / "best.ckpt"
         best.parent.mkdir(parents=True)
         shutil.copy(run.best, best)
@@ -232,6 +267,13 @@ def test_ckpt_path_last_writes_with_the_newest_runs_best_checkpoint(run, tmp_pat
     from shakespeare.cli.generate import checkpoint_of
 
     assert checkpoint_of("last", outputs) == newest
-    assert len(write_samples(compose_generate("ckpt_path=last", f"log_dir={outputs}", "max_new_tokens=7"), io.StringIO())[0]) == 7
+    assert (
+        len(
+            write_samples(compose_generate("ckpt_path=last", f"log_dir={outputs}", "max_new_tokens=7"), io.StringIO())[
+                0
+            ]
+        )
+        == 7
+    )
     with pytest.raises(UsageError, match=r"ckpt_path=last found no run to write with: .*Train one first"):
         write_samples(compose_generate("ckpt_path=last", f"log_dir={tmp_path / 'none'}"), io.StringIO())

@@ -30,7 +30,9 @@ from tests.harness import tensorboard
 RUNGS = {  # the rung settings that change where attention sits
     "head": dict(attention="head"),
     "multihead": dict(attention="multihead"),
-    "block_norm_dropout": dict(attention="multihead", feed_forward=True, residual=True, layer_norm=True, dropout=0.1, num_blocks=2),
+    "block_norm_dropout": dict(
+        attention="multihead", feed_forward=True, residual=True, layer_norm=True, dropout=0.1, num_blocks=2
+    ),
 }
 
 
@@ -59,8 +61,16 @@ def test_fused_attention_shows_the_weights_of_the_per_head_modules(rung):
 def test_fused_weights_are_what_its_forward_applies(variant):
     """scaled_dot_product_attention with these weights, by hand, gives the fused module's output, the
     rotary and QK-norm variants' (which position and normalise queries and keys first) included."""
-    cfg = GeneratorConfig(vocab_size=10, sequence_length=6, attention="multihead", embedding_size=12, num_heads=3,
-                          residual=True, fused_attention=True, **variant)
+    cfg = GeneratorConfig(
+        vocab_size=10,
+        sequence_length=6,
+        attention="multihead",
+        embedding_size=12,
+        num_heads=3,
+        residual=True,
+        fused_attention=True,
+        **variant,
+    )
     attention = ShakespeareGenerator(cfg).blocks[0].heads.eval()
     x = torch.randn(2, 6, 12)
     _, _, v = attention.split_heads(x)
@@ -100,8 +110,20 @@ def test_the_passage_starts_a_line_when_the_windows_slide_by_one():
 
 
 def test_labels_make_invisible_characters_visible():
-    assert [token_label(token) for token in [" ", "\n", "\t", "a", "<|pad|>", "\x0b"]] == ["␣", "⏎", "⇥", "a", "<|pad|>", "\\x0b"]
-    assert [token_label(token) for token in ["<0x0A>", "<0x20>", "<0x41>", "<0xC3>"]] == ["⏎", "␣", "A", "<0xC3>"]  # bytes
+    assert [token_label(token) for token in [" ", "\n", "\t", "a", "<|pad|>", "\x0b"]] == [
+        "␣",
+        "⏎",
+        "⇥",
+        "a",
+        "<|pad|>",
+        "\\x0b",
+    ]
+    assert [token_label(token) for token in ["<0x0A>", "<0x20>", "<0x41>", "<0xC3>"]] == [
+        "⏎",
+        "␣",
+        "A",
+        "<0xC3>",
+    ]  # bytes
 
 
 def test_the_passage_starts_a_line_in_bytes_too():
@@ -114,8 +136,12 @@ def test_validation_logs_the_loss_at_each_position(tiny_cfg):
     """Every position's mean, averaged over the window, is the epoch's validation loss."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = tiny_cfg("model=multihead", "trainer.max_epochs=2", "callbacks.inspection.attention=false",
-                   "callbacks.inspection.embeddings=false")
+    cfg = tiny_cfg(
+        "model=multihead",
+        "trainer.max_epochs=2",
+        "callbacks.inspection.attention=false",
+        "callbacks.inspection.embeddings=false",
+    )
     fit(cfg)
     events = EventAccumulator(cfg.paths.output_dir, size_guidance={"scalars": 0, "images": 0})
     events.Reload()
@@ -137,14 +163,20 @@ def test_tensorboard_server_shows_attention_loss_by_position_and_embeddings(tiny
         query = urllib.parse.urlencode({"run": "run", "tag": "inspection/attention"})
         grids = get(f"/images/images?{query}")
         assert len(grids) == 2  # one per validation
-        pictures = [matplotlib.image.imread(io.BytesIO(get(f"/images/individualImage?{g['query']}", raw=True)), format="png")
-                    for g in grids]
-        assert pictures[0].shape == pictures[1].shape and pictures[0].shape[1] > pictures[0].shape[0]  # 2 rows of 4 heads
+        pictures = [
+            matplotlib.image.imread(io.BytesIO(get(f"/images/individualImage?{g['query']}", raw=True)), format="png")
+            for g in grids
+        ]
+        assert (
+            pictures[0].shape == pictures[1].shape and pictures[0].shape[1] > pictures[0].shape[0]
+        )  # 2 rows of 4 heads
         assert not np.array_equal(pictures[0], pictures[1])  # the weights moved with training
 
         tags = [tag for tag in get("/scalars/tags")["run"] if tag.startswith(LOSS_BY_POSITION)]
         assert sorted(tags) == position_tags(8, LOSS_BY_POSITION)
-        curve = [get("/scalars/scalars?" + urllib.parse.urlencode({"run": "run", "tag": tag}))[-1][2] for tag in sorted(tags)]
+        curve = [
+            get("/scalars/scalars?" + urllib.parse.urlencode({"run": "run", "tag": tag}))[-1][2] for tag in sorted(tags)
+        ]
         val = get("/scalars/scalars?" + urllib.parse.urlencode({"run": "run", "tag": "val/loss"}))[-1][2]
         assert np.mean(curve) == pytest.approx(val, rel=1e-5) and all(0 < loss < 10 for loss in curve)
         [category] = get("/custom_scalars/layout")["category"]  # all positions in one chart
@@ -160,8 +192,14 @@ def test_tensorboard_server_shows_attention_loss_by_position_and_embeddings(tiny
         checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
         table = checkpoint["state_dict"]["model.embedding.weight"]
         assert embedding["tensorShape"] == list(table.shape)
-        tensor = np.frombuffer(get("/projector/tensor?" + urllib.parse.urlencode({"run": "run", "name": name}), raw=True), np.float32)
+        tensor = np.frombuffer(
+            get("/projector/tensor?" + urllib.parse.urlencode({"run": "run", "name": name}), raw=True), np.float32
+        )
         np.testing.assert_allclose(tensor.reshape(table.shape), table.numpy(), rtol=1e-4, atol=1e-6)  # the final table
-        labels = get("/projector/metadata?" + urllib.parse.urlencode({"run": "run", "name": name}), raw=True).decode().splitlines()
+        labels = (
+            get("/projector/metadata?" + urllib.parse.urlencode({"run": "run", "name": name}), raw=True)
+            .decode()
+            .splitlines()
+        )
         vocabulary = checkpoint["hyper_parameters"]["vocabulary"]
         assert labels == [token_label(ch) for ch in vocabulary] and {"␣", "⏎", ":", "."} <= set(labels)

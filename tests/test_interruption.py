@@ -39,12 +39,6 @@ RUN = [
 ]
 
 
-
-
-
-
-
-
 @pytest.fixture(scope="module")
 def corpus_and_reference(tmp_path_factory) -> tuple[Path, Path]:
     """A corpus and the checkpoints folder of the uninterrupted run on it."""
@@ -54,10 +48,6 @@ def corpus_and_reference(tmp_path_factory) -> tuple[Path, Path]:
     return corpus, tmp / "run" / "checkpoints"
 
 
-
-
-
-
 def run_folders(cwd: Path) -> list[Path]:
     return sorted(p.parent.parent for p in (cwd / "outputs").glob("*/*/checkpoints/last.ckpt"))
 
@@ -65,7 +55,10 @@ def run_folders(cwd: Path) -> list[Path]:
 def assert_interrupted(out: str, run: Path, sig: signal.Signals, step: int, epoch: int, corpus: Path) -> None:
     """The checkpoint holds the step; the message and the research log say so and how to resume."""
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
-    assert f"Training interrupted by {sig.name}. Saved {run / 'checkpoints' / 'last.ckpt'} at step {step} (epoch {epoch})." in out
+    assert (
+        f"Training interrupted by {sig.name}. Saved {run / 'checkpoints' / 'last.ckpt'} at step {step} (epoch {epoch})."
+        in out
+    )
     assert f"Resume with: python train.py data.path={corpus} " in out and f"ckpt_path={run}" in out
     assert "Traceback" not in out
     assert f"Status: interrupted (Training interrupted by {sig.name}." in (run / "research_log.md").read_text()
@@ -73,7 +66,9 @@ def assert_interrupted(out: str, run: Path, sig: signal.Signals, step: int, epoc
 
 def interrupt_at(step: int, sig: signal.Signals, args: list[str], tmp_path):
     """Start a run, send `sig` once it pauses at `step`, and return its output and its run folder."""
-    proc = start_train([*args, "+callbacks.pause._target_=tests.probes.PauseAt", f"+callbacks.pause.step={step}"], tmp_path)
+    proc = start_train(
+        [*args, "+callbacks.pause._target_=tests.probes.PauseAt", f"+callbacks.pause.step={step}"], tmp_path
+    )
     wait_for(proc, f"paused at step {step}")
     proc.send_signal(sig)
     out = proc.communicate(timeout=120)[0]
@@ -99,12 +94,20 @@ def test_sigterm_then_ckpt_path_last_continues_the_same_run_exactly(tmp_path, co
     original = (run / ".hydra" / "overrides.yaml").read_text()
     time.sleep(2.5)  # a gap between the sessions that no epoch's time may count
 
-    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "ckpt_path=last"], cwd=tmp_path,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args, "ckpt_path=last"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert run_folders(tmp_path) == [run]  # no new run folder: the same one continues
     assert len(list(run.glob("events.out.tfevents.*"))) == 2  # one TensorBoard run, one events file per session
-    assert (run / ".hydra" / "overrides.yaml").read_text() == original and list(run.glob(".hydra/resumed-*/config.yaml"))
+    assert (run / ".hydra" / "overrides.yaml").read_text() == original and list(
+        run.glob(".hydra/resumed-*/config.yaml")
+    )
     assert "Status: finished" in (run / "research_log.md").read_text()
     assert_same_run(run / "checkpoints", reference)
     lines, uninterrupted = epoch_lines(run / "research_log.md"), epoch_lines(reference.parent / "research_log.md")
@@ -147,9 +150,15 @@ def test_sigterm_during_validation_resumes_with_the_next_epoch(tmp_path, corpus_
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tiny_cfg):
-    cfg = tiny_cfg("trainer.max_epochs=2", "checkpoint.every_n_steps=2", "+callbacks.poison._target_=tests.probes.PoisonAt",
-                   "+callbacks.poison.step=8")
-    with pytest.raises(UsageError, match=r"The training loss became nan at step 8 \(epoch 1\).*optimizer.lr=0.0001 \(it was 0.001\)"):
+    cfg = tiny_cfg(
+        "trainer.max_epochs=2",
+        "checkpoint.every_n_steps=2",
+        "+callbacks.poison._target_=tests.probes.PoisonAt",
+        "+callbacks.poison.step=8",
+    )
+    with pytest.raises(
+        UsageError, match=r"The training loss became nan at step 8 \(epoch 1\).*optimizer.lr=0.0001 \(it was 0.001\)"
+    ):
         fit(cfg)
     last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 6 and all(torch.isfinite(t).all() for t in last["state_dict"].values())
@@ -184,10 +193,24 @@ def test_windows_resume_only_within_their_epoch():
 @pytest.mark.slow
 def test_a_failing_sweep_job_is_reported_and_the_others_keep_their_results(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
-    args = ["-m", "model=multihead", "model.num_heads=3,4", f"data.path={corpus}", "data.batch_size=32",
-            "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    args = [
+        "-m",
+        "model=multihead",
+        "model.num_heads=3,4",
+        f"data.path={corpus}",
+        "data.batch_size=32",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 1, out[-3000:]
     jobs = sorted(p for p in (tmp_path / "outputs" / "multiruns").glob("*/*/*") if p.is_dir())
@@ -200,8 +223,15 @@ def test_a_failing_sweep_job_is_reported_and_the_others_keep_their_results(tmp_p
 @pytest.mark.slow
 def test_step_budget_with_scheduler_and_mid_epoch_validation_resumes_exactly(tmp_path, corpus):
     # SIGTERM at step 8 lands in the validation that runs every 4 steps; the warm-up/cosine schedule goes on
-    args = [f"data.path={corpus}", *RUN, "trainer.max_epochs=-1", "trainer.max_steps=20", "trainer.val_check_interval=4",
-            "scheduler=warmup_cosine", "scheduler.warmup_steps=5"]
+    args = [
+        f"data.path={corpus}",
+        *RUN,
+        "trainer.max_epochs=-1",
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=4",
+        "scheduler=warmup_cosine",
+        "scheduler.warmup_steps=5",
+    ]
     fit(compose_train(tmp_path / "reference", args))
     run = tmp_path / "run"
     with pytest.raises(Interrupted, match="Saved .* at step 8 "):

@@ -182,15 +182,21 @@ ShakespeareGenerator(
 
 # Each modern rung's tree is the tree of the rung it extends with exactly these lines changed.
 MODERN_TREES = {
-    "rmsnorm": ("block_norm_dropout", {"LayerNorm((32,), eps=1e-05, elementwise_affine=True)": "RMSNorm((32,), eps=None, elementwise_affine=True)"}),
+    "rmsnorm": (
+        "block_norm_dropout",
+        {"LayerNorm((32,), eps=1e-05, elementwise_affine=True)": "RMSNorm((32,), eps=None, elementwise_affine=True)"},
+    ),
     "rope": ("rmsnorm", None),  # ROPE_TREE: rotary attention (fused), no position embedding
     "relu2": ("rope", {"(gelu): GELU(approximate='none')": "(relu2): ReLUSquared()"}),
-    "qk_norm": ("relu2", {
-        "(heads): RotaryAttention(": "(heads): QKNormAttention(",
-        "(rotary): Rotary(head_size=8, base=10000)\n": "(rotary): Rotary(head_size=8, base=10000)\n"
-        "        (query_norm): RMSNorm((8,), eps=None, elementwise_affine=True)\n"
-        "        (key_norm): RMSNorm((8,), eps=None, elementwise_affine=True)\n",
-    }),
+    "qk_norm": (
+        "relu2",
+        {
+            "(heads): RotaryAttention(": "(heads): QKNormAttention(",
+            "(rotary): Rotary(head_size=8, base=10000)\n": "(rotary): Rotary(head_size=8, base=10000)\n"
+            "        (query_norm): RMSNorm((8,), eps=None, elementwise_affine=True)\n"
+            "        (key_norm): RMSNorm((8,), eps=None, elementwise_affine=True)\n",
+        },
+    ),
 }
 
 
@@ -290,7 +296,10 @@ def fused_state(per_head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "rung, overrides",
-    [(rung, []) for rung in ["head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout", "rmsnorm"]]
+    [
+        (rung, [])
+        for rung in ["head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout", "rmsnorm"]
+    ]
     + [("block_norm_dropout", ["experiment=scale_up", "model.num_blocks=2"])],
 )
 def test_fused_attention_computes_the_per_head_function(rung, overrides, tmp_path):
@@ -304,7 +313,10 @@ def test_fused_attention_computes_the_per_head_function(rung, overrides, tmp_pat
 
 def test_feed_forward_size_widens_the_blocks_hidden_layer(tmp_path):
     model = build("block_norm", tmp_path, "model.feed_forward_size=128")
-    assert model.blocks[0].feed_forward.linear.out_features == 128 and model.blocks[0].feed_forward.projection.in_features == 128
+    assert (
+        model.blocks[0].feed_forward.linear.out_features == 128
+        and model.blocks[0].feed_forward.projection.in_features == 128
+    )
     with pytest.raises(UsageError, match="model.feed_forward_size=128 needs model.residual=true"):
         build("multihead_ffn", tmp_path, "model.feed_forward_size=128")
 
@@ -355,8 +367,14 @@ def test_relu2_is_relu_squared():
         ({"norm": "batch"}, "model.norm='batch' is not one of layer, rms"),
         ({"activation": "tanh"}, "model.activation='tanh' is not one of gelu, relu2"),
         ({"position": "rope"}, "model.position=rope .* needs model.residual=true"),
-        ({"position": "rope", "residual": True}, "needs model.fused_attention=true .* Drop model.fused_attention=false"),
-        ({"qk_norm": True, "residual": True, "fused_attention": True}, "model.qk_norm=true .* needs model.position=rope"),
+        (
+            {"position": "rope", "residual": True},
+            "needs model.fused_attention=true .* Drop model.fused_attention=false",
+        ),
+        (
+            {"qk_norm": True, "residual": True, "fused_attention": True},
+            "model.qk_norm=true .* needs model.position=rope",
+        ),
     ],
 )
 def test_bad_modern_options_are_named(overrides, named):

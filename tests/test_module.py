@@ -28,13 +28,20 @@ class Recorder(L.Callback):
             self.means.append((trainer.global_step, module.train_loss_mean))
 
 
-@pytest.mark.parametrize("validation, intervals", [([], [7, 14]), (["trainer.val_check_interval=3"], [3, 6, 7, 10, 13, 14])])
+@pytest.mark.parametrize(
+    "validation, intervals", [([], [7, 14]), (["trainer.val_check_interval=3"], [3, 6, 7, 10, 13, 14])]
+)
 def test_each_lines_train_loss_is_the_mean_of_its_steps_and_steps_are_logged_at_the_cadence(
-        validation, intervals, tiny_cfg, monkeypatch):
+    validation, intervals, tiny_cfg, monkeypatch
+):
     recorder, build, log, calls = Recorder(), cli.build_callbacks, ShakespeareModule.log, []
     monkeypatch.setattr(cli, "build_callbacks", lambda cfg: [*build(cfg), recorder])
-    monkeypatch.setattr(ShakespeareModule, "log", lambda self, name, *a, **k: calls.append(name) or log(self, name, *a, **k))
-    cli.fit(tiny_cfg("trainer.max_epochs=2", "trainer.limit_train_batches=7", "trainer.log_every_n_steps=3", *validation))
+    monkeypatch.setattr(
+        ShakespeareModule, "log", lambda self, name, *a, **k: calls.append(name) or log(self, name, *a, **k)
+    )
+    cli.fit(
+        tiny_cfg("trainer.max_epochs=2", "trainer.limit_train_batches=7", "trainer.log_every_n_steps=3", *validation)
+    )
     closed = [0, *intervals]
     expected = [sum(recorder.losses[a:b]) / (b - a) for a, b in zip(closed, closed[1:]) if b - a]
     assert [step for step, _ in recorder.means] == [b for a, b in zip(closed, closed[1:]) if b - a]
@@ -48,14 +55,22 @@ def test_warmup_cosine_rises_then_decays_to_the_floor():
     factors = [warmup_cosine(step, total_steps=110, warmup_steps=10, min_lr_factor=0.1) for step in range(120)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
-    assert factors[60] == pytest.approx(0.55) and factors[110] == pytest.approx(0.1) and factors[119] == pytest.approx(0.1)
+    assert (
+        factors[60] == pytest.approx(0.55) and factors[110] == pytest.approx(0.1) and factors[119] == pytest.approx(0.1)
+    )
 
 
 def test_scheduler_steps_the_learning_rate_every_step(tiny_cfg, monkeypatch):
     from shakespeare.training.module import warmup_cosine
 
-    cfg = tiny_cfg("optimizer=adamw", "scheduler=warmup_cosine", "scheduler.warmup_steps=2", "trainer.max_steps=6",
-                   "trainer.limit_train_batches=10", "trainer.gradient_clip_val=1.0")
+    cfg = tiny_cfg(
+        "optimizer=adamw",
+        "scheduler=warmup_cosine",
+        "scheduler.warmup_steps=2",
+        "trainer.max_steps=6",
+        "trainer.limit_train_batches=10",
+        "trainer.gradient_clip_val=1.0",
+    )
     seen = []
 
     class LearningRates(L.Callback):
@@ -72,9 +87,14 @@ def test_scheduler_steps_the_learning_rate_every_step(tiny_cfg, monkeypatch):
 
 @pytest.mark.parametrize(
     "scheduler, named",
-    [({"warmup_steps": -1}, "scheduler.warmup_steps=-1"), ({"min_lr_factor": 2}, "scheduler.min_lr_factor=2"),
-     ({"warmup": 5}, "scheduler.warmup is not a setting")],
+    [
+        ({"warmup_steps": -1}, "scheduler.warmup_steps=-1"),
+        ({"min_lr_factor": 2}, "scheduler.min_lr_factor=2"),
+        ({"warmup": 5}, "scheduler.warmup is not a setting"),
+    ],
 )
 def test_bad_scheduler_values_are_named(scheduler, named):
     with pytest.raises(UsageError, match=named):
-        ShakespeareModule(["<|pad|>", "a"], {"attention": "none", "sequence_length": 8}, {"_target_": "torch.optim.Adam"}, scheduler)
+        ShakespeareModule(
+            ["<|pad|>", "a"], {"attention": "none", "sequence_length": 8}, {"_target_": "torch.optim.Adam"}, scheduler
+        )

@@ -27,10 +27,15 @@ def test_muon_takes_the_blocks_matrices_and_adamw_everything_else(tmp_path):
     model, optimizer = muon_for("qk_norm", tmp_path)
     muon = {id(p) for group in optimizer.parts["muon"].param_groups for p in group["params"]}
     names = {name for name, p in model.named_parameters() if id(p) in muon}
-    assert names == {f"blocks.{b}.{m}.weight" for b in (0, 1)
-                     for m in ("heads.qkv", "heads.projection", "feed_forward.linear", "feed_forward.projection")}
+    assert names == {
+        f"blocks.{b}.{m}.weight"
+        for b in (0, 1)
+        for m in ("heads.qkv", "heads.projection", "feed_forward.linear", "feed_forward.projection")
+    }
     adamw = optimizer.parts["adamw"].param_groups[0]
-    assert {id(p) for p in adamw["params"]} == {id(p) for p in model.parameters()} - muon  # embeddings, head, norms, biases
+    assert {id(p) for p in adamw["params"]} == {
+        id(p) for p in model.parameters()
+    } - muon  # embeddings, head, norms, biases
     assert (adamw["lr"], adamw["weight_decay"], optimizer.parts["muon"].param_groups[0]["lr"]) == (0.003, 0.1, 0.02)
 
 
@@ -54,9 +59,20 @@ def test_plain_parameters_all_go_to_adamw():
 
 @pytest.mark.slow
 def test_a_muon_run_checkpoints_plain_data_and_resumes_exactly(tmp_path, corpus):
-    args = [f"data.path={corpus}", "model=qk_norm", "optimizer=muon", "scheduler=warmup_cosine", "scheduler.warmup_steps=2",
-            "data.batch_size=32", "trainer.max_epochs=-1", "trainer.max_steps=12", "trainer.limit_train_batches=4",
-            "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=3"]
+    args = [
+        f"data.path={corpus}",
+        "model=qk_norm",
+        "optimizer=muon",
+        "scheduler=warmup_cosine",
+        "scheduler.warmup_steps=2",
+        "data.batch_size=32",
+        "trainer.max_epochs=-1",
+        "trainer.max_steps=12",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2",
+        "trainer.enable_progress_bar=false",
+        "checkpoint.every_n_steps=3",
+    ]
     fit(compose_train(tmp_path / "reference", args))
     run = tmp_path / "run"
     with pytest.raises(Interrupted, match="Saved .* at step 6 "):
@@ -85,7 +101,9 @@ def test_cpu_orthogonalisation_is_torchs_iteration_in_float32():
     assert ours.dtype == torch.float32 and ours.shape == grad.shape
     singular = torch.linalg.svdvals(ours)
     assert singular.min() > 0.5 and singular.max() < 1.5  # Muon's "roughly orthogonal"
-    torch.testing.assert_close(ours, BFLOAT16_NEWTON_SCHULZ(grad, (3.4445, -4.775, 2.0315), 5, 1e-7).float(), atol=0.02, rtol=0)
+    torch.testing.assert_close(
+        ours, BFLOAT16_NEWTON_SCHULZ(grad, (3.4445, -4.775, 2.0315), 5, 1e-7).float(), atol=0.02, rtol=0
+    )
     optimizer = MuonAdamW([("blocks.0.weight", torch.nn.Parameter(grad.clone()))])
     optimizer.param_groups[0]["params"][0].grad = torch.randn(96, 32)
     optimizer.step()

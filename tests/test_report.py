@@ -24,7 +24,12 @@ from shakespeare.run.composition import CONFIG_DIR
 from shakespeare.training.lines import ELAPSED
 from tests.harness import ROOT, RUNGS, compose_train, write_corpus
 
-TINY = ["data.batch_size=32", "trainer.limit_train_batches=5", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false"]
+TINY = [
+    "data.batch_size=32",
+    "trainer.limit_train_batches=5",
+    "trainer.limit_val_batches=2",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def train_like_hydra(run: Path, overrides: list[str]) -> None:
@@ -46,11 +51,16 @@ def runs(tmp_path_factory) -> Path:
     corpus = write_corpus(root.parent / "corpus.txt")
     sweep = root / "multiruns" / "2026-01-01" / "12-00-00"
     for i, rung in enumerate(["bigram", "head"]):
-        train_like_hydra(sweep / f"{i}_model-{rung}", [f"model={rung}", f"data.path={corpus}", "trainer.max_epochs=2", *TINY])
+        train_like_hydra(
+            sweep / f"{i}_model-{rung}", [f"model={rung}", f"data.path={corpus}", "trainer.max_epochs=2", *TINY]
+        )
     (sweep / "1_model-head" / "research_log.md").unlink()  # the report must not need it
     crash = ["+callbacks.fail._target_=tests.test_research_log.FailAtEpoch", "+callbacks.fail.epoch=1"]
     with pytest.raises(RuntimeError):
-        train_like_hydra(sweep / "2_model-multihead", ["model=multihead", f"data.path={corpus}", "trainer.max_epochs=3", *TINY, *crash])
+        train_like_hydra(
+            sweep / "2_model-multihead",
+            ["model=multihead", f"data.path={corpus}", "trainer.max_epochs=3", *TINY, *crash],
+        )
     (root / "died" / ".hydra").mkdir(parents=True)
     shutil.copy(sweep / "0_model-bigram" / ".hydra" / "config.yaml", root / "died" / ".hydra" / "config.yaml")
     (root / "garbled").mkdir()
@@ -64,8 +74,15 @@ def test_report_lists_every_run_with_its_figures_and_status(runs, tmp_path, caps
     printed = capsys.readouterr().out
     table = (tmp_path / "report.md").read_text()
     assert printed.split("\n\nWrote")[0].strip() in table
-    rows = {row.split(" | ")[-1].rstrip(" |"): row for row in table.splitlines() if row.startswith("| ") and "---" not in row}
-    bigram, head = rows["multiruns/2026-01-01/12-00-00/0_model-bigram"], rows["multiruns/2026-01-01/12-00-00/1_model-head"]
+    rows = {
+        row.split(" | ")[-1].rstrip(" |"): row
+        for row in table.splitlines()
+        if row.startswith("| ") and "---" not in row
+    }
+    bigram, head = (
+        rows["multiruns/2026-01-01/12-00-00/0_model-bigram"],
+        rows["multiruns/2026-01-01/12-00-00/1_model-head"],
+    )
     crashed = rows["multiruns/2026-01-01/12-00-00/2_model-multihead"]
     # rung | overrides | parameters | trained | best eval loss | log's eval loss | eval bpc | s/epoch | tokens/s | status | run
     assert "test loss" not in table  # no run has a test split
@@ -89,7 +106,10 @@ def samples_by_run(report: str) -> dict[str, str]:
     """The samples section of report.md: run folder -> its sample (or what the report says instead)."""
     section = report.split("\n## Samples\n", 1)[1]
     parts = re.split(r"^### .+ \((.+)\)\n\n", section, flags=re.M)[1:]
-    return {name: re.sub(r"^```text\n(.*)\n```$", r"\1", body.strip("\n"), flags=re.S) for name, body in zip(parts[::2], parts[1::2])}
+    return {
+        name: re.sub(r"^```text\n(.*)\n```$", r"\1", body.strip("\n"), flags=re.S)
+        for name, body in zip(parts[::2], parts[1::2])
+    }
 
 
 def test_report_shows_each_runs_sample_from_the_same_prompt_and_seed(runs, tmp_path, capsys):
@@ -112,7 +132,9 @@ def test_report_plots_the_loss_by_position_and_exports_the_readmes_figures(runs,
     by_name = {run.name: run for run in ordered}
     finished = [by_name[f"multiruns/2026-01-01/12-00-00/{i}_model-{rung}"] for i, rung in enumerate(["bigram", "head"])]
     for run in finished:  # each position's loss at the best epoch; together they average to the best eval loss
-        assert len(run.loss_by_position) == 8 and sum(run.loss_by_position) / 8 == pytest.approx(run.best_val_loss, rel=1e-5)
+        assert len(run.loss_by_position) == 8 and sum(run.loss_by_position) / 8 == pytest.approx(
+            run.best_val_loss, rel=1e-5
+        )
     assert write_figures(ordered, tmp_path) == [tmp_path / "loss_by_position.png", tmp_path / "attention.png"]
     assert (tmp_path / "loss_by_position.png").read_bytes()[:4] == b"\x89PNG"
     crashed = by_name["multiruns/2026-01-01/12-00-00/2_model-multihead"]  # the highest rung with a grid
@@ -142,7 +164,12 @@ def test_ladder_experiment_sweeps_every_rung_at_the_logs_settings():
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=ladder"], return_hydra_config=True)
     assert cfg.hydra.sweeper.params.model.split(",") == RUNGS
-    assert (cfg.data.batch_size, cfg.data.sequence_length, cfg.trainer.max_epochs, cfg.optimizer.lr) == (1024, 8, 10, 0.001)
+    assert (cfg.data.batch_size, cfg.data.sequence_length, cfg.trainer.max_epochs, cfg.optimizer.lr) == (
+        1024,
+        8,
+        10,
+        0.001,
+    )
     assert cfg.optimizer._target_ == "torch.optim.Adam"
 
 
@@ -153,7 +180,9 @@ def test_ablation_notebook_runs_on_a_folder_of_runs(runs, monkeypatch):
     monkeypatch.setenv("SHAKESPEARE_RUNS", str(runs))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     notebook = nbformat.read(ROOT / "notebooks" / "ablation.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     table = next(o.data["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
@@ -168,10 +197,15 @@ def test_ablation_notebook_runs_on_a_folder_of_runs(runs, monkeypatch):
 def test_a_failed_sweep_job_is_listed_with_its_reason(runs, tmp_path):
     job = tmp_path / "3_model.num_heads-3"
     shutil.copytree(runs / "multiruns" / "2026-01-01" / "12-00-00" / "0_model-bigram" / ".hydra", job / ".hydra")
-    (job / "failure.txt").write_text("model.num_heads=3 does not divide model.embedding_size=32: each head gets "
-                                     "embedding_size / num_heads channels. Pick num_heads among [1, 2, 4].\n")
+    (job / "failure.txt").write_text(
+        "model.num_heads=3 does not divide model.embedding_size=32: each head gets "
+        "embedding_size / num_heads channels. Pick num_heads among [1, 2, 4].\n"
+    )
     [run] = load_runs(job)
-    assert run.status == "failed (model.num_heads=3 does not divide model.embedding_size=32: each head gets embedding_size / num_heads channels)"
+    assert (
+        run.status
+        == "failed (model.num_heads=3 does not divide model.embedding_size=32: each head gets embedding_size / num_heads channels)"
+    )
 
 
 def composed(*overrides: str) -> dict:
@@ -179,15 +213,18 @@ def composed(*overrides: str) -> dict:
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=False)
 
 
-@pytest.mark.parametrize("overrides, shown", [
-    (["experiment=ladder", "model=bigram"], True),
-    (["model=block_norm_dropout"], True),  # the default run is the log's final small model at its settings
-    (["model=block_norm_dropout", "model.fused_attention=true"], True),  # the same function, faster
-    (["experiment=scale_up"], True),
-    (["experiment=modern_ladder", "rung=block_norm_dropout"], False),  # the same rung name, 4 blocks x 128
-    (["model=head", "data.batch_size=32"], False),
-    (["experiment=ladder", "model=bigram", "data=text8"], False),  # another corpus
-])
+@pytest.mark.parametrize(
+    "overrides, shown",
+    [
+        (["experiment=ladder", "model=bigram"], True),
+        (["model=block_norm_dropout"], True),  # the default run is the log's final small model at its settings
+        (["model=block_norm_dropout", "model.fused_attention=true"], True),  # the same function, faster
+        (["experiment=scale_up"], True),
+        (["experiment=modern_ladder", "rung=block_norm_dropout"], False),  # the same rung name, 4 blocks x 128
+        (["model=head", "data.batch_size=32"], False),
+        (["experiment=ladder", "model=bigram", "data=text8"], False),  # another corpus
+    ],
+)
 def test_the_logs_eval_loss_stands_only_beside_runs_at_its_settings(overrides, shown):
     from shakespeare.report.tables import markdown_table
 
@@ -197,13 +234,30 @@ def test_the_logs_eval_loss_stands_only_beside_runs_at_its_settings(overrides, s
 
 
 def test_budget_runs_show_their_budget_and_are_plotted_by_step():
-    budget = Run(path=Path("a"), name="a", config=composed("experiment=cpu_speedrun", "trainer.max_time=00:00:02:00"),
-                 scalars={"val/loss": [(500, 1.0, 2.0), (1000, 2.0, 1.8)], ELAPSED: [(1000, 2.0, 118.0)]})
-    steps = Run(path=Path("b"), name="b", config=composed("model=bigram", "trainer.max_steps=2000", "trainer.max_epochs=-1",
-                                                         "trainer.val_check_interval=1000", "trainer.check_val_every_n_epoch=null"),
-                scalars={"val/loss": [(1000, 1.0, 2.5), (2000, 2.0, 2.4)]})
-    epochs = Run(path=Path("c"), name="c", config=composed("model=bigram"),
-                 scalars={"val/loss": [(10, 1.0, 2.5), (20, 2.0, 2.4)], ELAPSED: [(10, 1.0, 3.0), (20, 2.0, 7.0)]})
+    budget = Run(
+        path=Path("a"),
+        name="a",
+        config=composed("experiment=cpu_speedrun", "trainer.max_time=00:00:02:00"),
+        scalars={"val/loss": [(500, 1.0, 2.0), (1000, 2.0, 1.8)], ELAPSED: [(1000, 2.0, 118.0)]},
+    )
+    steps = Run(
+        path=Path("b"),
+        name="b",
+        config=composed(
+            "model=bigram",
+            "trainer.max_steps=2000",
+            "trainer.max_epochs=-1",
+            "trainer.val_check_interval=1000",
+            "trainer.check_val_every_n_epoch=null",
+        ),
+        scalars={"val/loss": [(1000, 1.0, 2.5), (2000, 2.0, 2.4)]},
+    )
+    epochs = Run(
+        path=Path("c"),
+        name="c",
+        config=composed("model=bigram"),
+        scalars={"val/loss": [(10, 1.0, 2.5), (20, 2.0, 2.4)], ELAPSED: [(10, 1.0, 3.0), (20, 2.0, 7.0)]},
+    )
     assert (budget.trained, steps.trained, epochs.trained) == ("1,000 steps in 120 s", "2,000/2,000 steps", "2/10")
     assert budget.seconds_per_epoch is None and epochs.seconds_per_epoch == pytest.approx(3.5)  # the run's own clock
     assert budget.status == "finished" and steps.status == "finished"

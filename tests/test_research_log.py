@@ -41,7 +41,11 @@ class MarkInterrupted(L.Callback):
 
 
 def failing(epoch: int, error: str) -> list[str]:
-    return [f"+callbacks.fail._target_={__name__}.FailAtEpoch", f"+callbacks.fail.epoch={epoch}", f"+callbacks.fail.error={error}"]
+    return [
+        f"+callbacks.fail._target_={__name__}.FailAtEpoch",
+        f"+callbacks.fail.epoch={epoch}",
+        f"+callbacks.fail.error={error}",
+    ]
 
 
 def test_research_log_has_the_logs_shape(tiny_cfg):
@@ -49,8 +53,12 @@ def test_research_log_has_the_logs_shape(tiny_cfg):
     fit(cfg)
     text = (Path(cfg.paths.output_dir) / "research_log.md").read_text()
     assert text.startswith("## block_norm, ") and "\nStatus: finished\n" in text
-    assert re.search(r"^Config\(batch_size=32, sequence_length=8, embedding_size=32, num_heads=4, .*epochs=2, "
-                     r"learning_rate=0.001, patience=None, min_delta=None", text, re.M)
+    assert re.search(
+        r"^Config\(batch_size=32, sequence_length=8, embedding_size=32, num_heads=4, .*epochs=2, "
+        r"learning_rate=0.001, patience=None, min_delta=None",
+        text,
+        re.M,
+    )
     assert "python train.py " in text and "model=block_norm" in text
     assert "ShakespeareModule(\nmodel=ShakespeareGenerator(\n  (embedding): Embedding(" in text
     assert "(norm1): LayerNorm((32,)" in text and "optimizer=Adam (\nParameter Group 0" in text
@@ -92,7 +100,10 @@ def test_sigterm_marks_the_entry_interrupted(tiny_cfg):
     cfg = tiny_cfg("trainer.max_epochs=3", *failing(1, "SIGTERMException"))
     with pytest.raises(Interrupted):
         fit(cfg)
-    assert "Status: interrupted (Training interrupted by SIGTERM. " in (Path(cfg.paths.output_dir) / "research_log.md").read_text()
+    assert (
+        "Status: interrupted (Training interrupted by SIGTERM. "
+        in (Path(cfg.paths.output_dir) / "research_log.md").read_text()
+    )
 
 
 def test_a_marked_interruption_survives_the_end_of_training(tiny_cfg):
@@ -127,10 +138,6 @@ def test_tensorboard_events_hold_lr_throughput_and_hparams(tiny_cfg):
     assert not [key for key in hparams if "vocabulary" in key or "_target_" in key]
 
 
-
-
-
-
 @pytest.mark.slow
 def test_tensorboard_server_shows_losses_samples_and_hparams(tiny_cfg, tmp_path):
     cfg = tiny_cfg("model=head", "trainer.max_epochs=2", "trainer.log_every_n_steps=1")
@@ -147,7 +154,16 @@ def test_tensorboard_server_shows_losses_samples_and_hparams(tiny_cfg, tmp_path)
         assert {"model.name", "data.batch_size", "optimizer.lr", "trainer.max_epochs"} <= names
         assert not [name for name in names if "_target_" in name or "vocabulary" in name]
         assert [m["name"]["tag"] for m in experiment["metricInfos"]] == [BEST_VAL_LOSS]
-        groups = get("/hparams/session_groups", {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"], "colParams": [], "startIndex": 0, "sliceSize": 10})
+        groups = get(
+            "/hparams/session_groups",
+            {
+                "experimentName": "",
+                "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+                "colParams": [],
+                "startIndex": 0,
+                "sliceSize": 10,
+            },
+        )
         [group] = groups["sessionGroups"]
         assert group["hparams"]["model.name"] == "head"
         [metric] = group["metricValues"]

@@ -23,9 +23,18 @@ from tests.harness import ROOT, compose_train, run_train
 
 # one sweep, four jobs: a time as Hydra escapes it, a time as a mapping, a quoted name with a space, a list,
 # a negative number (and data.path, a path, which names no folder)
-SWEEP = ["model=bigram", "data.batch_size=8", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
-         "trainer.limit_val_batches=1", "trainer.max_steps=-1", "optimizer=adamw", "optimizer.betas=[0.8,0.9]",
-         "trainer.max_time=00:00:01:00,{minutes:2}", "model.name='my rung',plain"]
+SWEEP = [
+    "model=bigram",
+    "data.batch_size=8",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.max_steps=-1",
+    "optimizer=adamw",
+    "optimizer.betas=[0.8,0.9]",
+    "trainer.max_time=00:00:01:00,{minutes:2}",
+    "model.name='my rung',plain",
+]
 
 
 def pasted(folder: Path) -> str:
@@ -34,12 +43,18 @@ def pasted(folder: Path) -> str:
     return OverridesParser.create().parse_override(word).value()
 
 
-@pytest.mark.parametrize("text, name", [
-    (r"trainer.max_time-00\:00\:00\:15", "trainer.max_time-00_00_00_15"),
-    ("optimizer.betas-[0.9,0.95]", "optimizer.betas-0.9_0.95"),
-    ("model.name-'my rung'+seed--3", "model.name-my_rung+seed--3"),
-    (r"trainer.max_time-{minutes\:10}+data.path-/tmp/a b.txt", "trainer.max_time-minutes_10+data.path-_tmp_a_b.txt"),
-])
+@pytest.mark.parametrize(
+    "text, name",
+    [
+        (r"trainer.max_time-00\:00\:00\:15", "trainer.max_time-00_00_00_15"),
+        ("optimizer.betas-[0.9,0.95]", "optimizer.betas-0.9_0.95"),
+        ("model.name-'my rung'+seed--3", "model.name-my_rung+seed--3"),
+        (
+            r"trainer.max_time-{minutes\:10}+data.path-/tmp/a b.txt",
+            "trainer.max_time-minutes_10+data.path-_tmp_a_b.txt",
+        ),
+    ],
+)
 def test_folder_names_keep_only_what_pastes_back(text, name, tmp_path):
     assert folder_name(text) == name
     assert pasted(tmp_path / name) == str(tmp_path / name)
@@ -64,7 +79,9 @@ def test_every_sweep_folder_pastes_back_into_train_and_generate(tmp_path, corpus
     jobs = sorted(p for p in (tmp_path / "outputs" / "multiruns").glob("*/*/*") if p.is_dir())
     assert len(jobs) == 4
     for job in jobs:
-        assert "\\" not in job.name and "limit_train_batches-3" in job.name  # TensorBoard's run names; a capped run says so
+        assert (
+            "\\" not in job.name and "limit_train_batches-3" in job.name
+        )  # TensorBoard's run names; a capped run says so
         assert pasted(job) == str(job)
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -76,6 +93,11 @@ def test_every_sweep_folder_pastes_back_into_train_and_generate(tmp_path, corpus
         assert fit(resumed)["val/loss"] > 0
     table = markdown_table(load_runs(jobs[0].parent))
     assert "\\:" not in table and "`trainer.max_time=00:00:01:00`" in table
-    generated = subprocess.run([sys.executable, str(ROOT / "generate.py"), f"ckpt_path={jobs[0]}", "max_new_tokens=5"],
-                               cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    generated = subprocess.run(
+        [sys.executable, str(ROOT / "generate.py"), f"ckpt_path={jobs[0]}", "max_new_tokens=5"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert generated.returncode == 0, generated.stderr[-2000:]

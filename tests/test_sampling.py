@@ -24,8 +24,12 @@ TOKENIZER = CharTokenizer.from_text("ROMEO:\nJULIET: the king my lord, good swee
 def make_model(attention: str = "multihead", sequence_length: int = 8, **extra) -> ShakespeareGenerator:
     torch.manual_seed(0)
     cfg = GeneratorConfig(
-        vocab_size=len(TOKENIZER), sequence_length=sequence_length, attention=attention, embedding_size=16,
-        num_heads=2, **extra,
+        vocab_size=len(TOKENIZER),
+        sequence_length=sequence_length,
+        attention=attention,
+        embedding_size=16,
+        num_heads=2,
+        **extra,
     )
     return ShakespeareGenerator(cfg)
 
@@ -105,7 +109,10 @@ def test_unknown_prompt_characters_are_listed_or_skipped():
     "options, message",
     [
         ({"max_new_tokens": -1}, "max_new_tokens=-1 must be a whole number of at least 0"),
-        ({"temperature": -0.5}, r"temperature=-0.5 must be a finite number of at least 0 \(1 samples the model .* 0 always picks the likeliest"),
+        (
+            {"temperature": -0.5},
+            r"temperature=-0.5 must be a finite number of at least 0 \(1 samples the model .* 0 always picks the likeliest",
+        ),
         ({"temperature": float("inf")}, "temperature=inf must be a finite number of at least 0"),
         ({"top_k": 0}, "top_k=0 must be a whole number of at least 1"),
         ({"num_samples": 0}, "num_samples=0 must be a whole number of at least 1"),
@@ -120,10 +127,12 @@ def test_zero_new_tokens_is_empty():
     assert sample(make_model(), TOKENIZER, "ROMEO:", max_new_tokens=0) == [""]
 
 
-
 @pytest.mark.parametrize(
     "rung, overrides",
-    [(rung, []) for rung in ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout"]]
+    [
+        (rung, [])
+        for rung in ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout"]
+    ]
     + [
         ("block_norm_dropout", ["experiment=scale_up", "model.num_blocks=2", "model.feed_forward_size=96"]),
         ("block_norm", ["model.fused_attention=true", "model.num_blocks=3"]),
@@ -134,7 +143,9 @@ def test_zero_new_tokens_is_empty():
 )
 def test_next_character_is_the_models_last_position_in_fewer_steps(rung, overrides, tmp_path):
     cfg = compose_train(tmp_path, [f"model={rung}", *overrides])
-    model = ShakespeareGenerator(GeneratorConfig(vocab_size=66, **OmegaConf.to_container(cfg.model, resolve=True))).eval()
+    model = ShakespeareGenerator(
+        GeneratorConfig(vocab_size=66, **OmegaConf.to_container(cfg.model, resolve=True))
+    ).eval()
     state = torch.get_rng_state()
     next_character = NextCharacter(model)
     assert torch.equal(torch.get_rng_state(), state)  # built around the model's weights, nothing drawn
@@ -156,7 +167,9 @@ ROTARY_RUNGS = [
 def rotary_model(rung: str, overrides: list[str], tmp_path, sequence_length: int = 8) -> ShakespeareGenerator:
     cfg = compose_train(tmp_path, [f"model={rung}", f"data.sequence_length={sequence_length}", *overrides])
     torch.manual_seed(0)
-    return ShakespeareGenerator(GeneratorConfig(vocab_size=66, **OmegaConf.to_container(cfg.model, resolve=True))).eval()
+    return ShakespeareGenerator(
+        GeneratorConfig(vocab_size=66, **OmegaConf.to_container(cfg.model, resolve=True))
+    ).eval()
 
 
 def sliding_window_reference(model: ShakespeareGenerator, idx: torch.Tensor) -> torch.Tensor:
@@ -237,7 +250,7 @@ def test_temperature_0_always_picks_the_likeliest_character():
     with torch.inference_mode():
         ids = TOKENIZER.encode("R").tolist()
         for ch in greedy[0]:
-            logits = model(torch.tensor([ids[-model.cfg.sequence_length:]]))[0, -1]
+            logits = model(torch.tensor([ids[-model.cfg.sequence_length :]]))[0, -1]
             logits[TOKENIZER.pad_id] = float("-inf")
             assert TOKENIZER.vocabulary[int(logits.argmax())] == ch
             ids.append(TOKENIZER.vocabulary.index(ch))

@@ -22,8 +22,15 @@ from tests.harness import compose_train, run_train
 
 
 def tiny(corpus: Path, batch_size: int = 16) -> list[str]:
-    return [f"data.path={corpus}", f"data.batch_size={batch_size}", "model=multihead", "trainer.max_epochs=1",
-            "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false"]
+    return [
+        f"data.path={corpus}",
+        f"data.batch_size={batch_size}",
+        "model=multihead",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2",
+        "trainer.enable_progress_bar=false",
+    ]
 
 
 def best_val_loss(run: Path) -> float:
@@ -46,7 +53,10 @@ def one_thread_each(monkeypatch):
 
 
 def test_the_best_validation_loss_is_returned_not_the_last(tiny_cfg, capsys):
-    scripted = ["+callbacks.script._target_=tests.probes.ScriptedValLoss", "+callbacks.script.losses=[2.5,2.0,2.25,2.75]"]
+    scripted = [
+        "+callbacks.script._target_=tests.probes.ScriptedValLoss",
+        "+callbacks.script.losses=[2.5,2.0,2.25,2.75]",
+    ]
     metrics = fit(tiny_cfg("model=multihead", "trainer.max_epochs=4", *scripted))
     epochs = [float(v) for v in re.findall(r"Eval loss \t([\d.]+)", capsys.readouterr().out)]
     assert epochs == [2.5, 2.0, 2.25, 2.75]
@@ -61,7 +71,9 @@ def test_threads_follow_omp_num_threads_which_joblib_divides_between_jobs(tmp_pa
 
 def test_ddp_in_a_sweep_is_refused_with_the_fix(tiny_cfg):
     cfg = tiny_cfg("trainer=ddp", "trainer.devices=2", "hydra.mode=MULTIRUN")
-    with pytest.raises(UsageError, match="inside a -m sweep every process would run the whole sweep again.*trainer=ddp_spawn"):
+    with pytest.raises(
+        UsageError, match="inside a -m sweep every process would run the whole sweep again.*trainer=ddp_spawn"
+    ):
         fit(cfg)
 
 
@@ -71,24 +83,45 @@ def test_optuna_search_space_holds_only_valid_models(tmp_path):
     parse = OverridesParser.create().parse_override
     sizes, heads = (parse(f"{key}={params[key]}").value().list for key in ("model.embedding_size", "model.num_heads"))
     for size, num_heads in itertools.product(sizes, heads):
-        GeneratorConfig(vocab_size=65, sequence_length=8, attention="multihead", embedding_size=size, num_heads=num_heads)
+        GeneratorConfig(
+            vocab_size=65, sequence_length=8, attention="multihead", embedding_size=size, num_heads=num_heads
+        )
 
 
 def test_slurm_example_asks_for_one_task_and_gpu_per_device(tmp_path, monkeypatch):
     """The submitit launcher turns conf/hydra/launcher/slurm.yaml into the sbatch script it would submit."""
     submitit = pytest.importorskip("submitit")
-    cfg = compose_train(tmp_path, ["hydra/launcher=slurm", f"paths.log_dir={tmp_path}", "trainer=ddp",
-                                   "trainer.accelerator=gpu", "trainer.devices=4", "trainer.num_nodes=2"])
+    cfg = compose_train(
+        tmp_path,
+        [
+            "hydra/launcher=slurm",
+            f"paths.log_dir={tmp_path}",
+            "trainer=ddp",
+            "trainer.accelerator=gpu",
+            "trainer.devices=4",
+            "trainer.num_nodes=2",
+        ],
+    )
     scripts = []
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # as if srun were here
-    monkeypatch.setattr(submitit.AutoExecutor, "map_array",
-                        lambda executor, *_: scripts.append(executor._executor._make_submission_file_text("python", "0")) or [])
+    monkeypatch.setattr(
+        submitit.AutoExecutor,
+        "map_array",
+        lambda executor, *_: scripts.append(executor._executor._make_submission_file_text("python", "0")) or [],
+    )
     launcher = instantiate(cfg.hydra.launcher)
     launcher.config = cfg
     launcher.launch([["model.num_heads=4"]], initial_job_idx=0)
     (sbatch,) = scripts
-    for line in ("--partition=gpu", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--time=240",
-                 "--signal=USR1@90", "--requeue"):  # the requeue signal of Lightning's SLURM environment
+    for line in (
+        "--partition=gpu",
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--time=240",
+        "--signal=USR1@90",
+        "--requeue",
+    ):  # the requeue signal of Lightning's SLURM environment
         assert f"#SBATCH {line}" in sbatch
 
 
@@ -154,8 +187,10 @@ def test_optuna_search_reports_its_best_trial(tmp_path, corpus):
 @pytest.mark.slow
 def test_optuna_search_goes_on_past_a_failed_trial(tmp_path, corpus):
     # num_heads=3 divides no embedding size: every such trial fails, the others train
-    result = run_train(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "model.num_heads=choice(3,4)",
-                        *tiny(corpus)], tmp_path)
+    result = run_train(
+        ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "model.num_heads=choice(3,4)", *tiny(corpus)],
+        tmp_path,
+    )
     trials = [job for job in sweep_jobs(tmp_path) if (job / "checkpoints").exists()]
     failed = [job for job in sweep_jobs(tmp_path) if (job / "failure.txt").exists()]
     assert len(trials) + len(failed) == 3 and trials and failed, result.stderr[-3000:]

@@ -24,16 +24,24 @@ from shakespeare.run.schema import NOT_TAKEN, check_values, conforms, described
 from tests.harness import compose_train
 
 # the configs whose keys are checked: the default and the groups that bring keys of their own
-VARIANTS = [[], ["optimizer=muon", "scheduler=warmup_cosine"], ["optimizer=adamw"], ["trainer=ddp"],
-            ["experiment=cpu_speedrun"]]
+VARIANTS = [
+    [],
+    ["optimizer=muon", "scheduler=warmup_cosine"],
+    ["optimizer=adamw"],
+    ["trainer=ddp"],
+    ["experiment=cpu_speedrun"],
+]
 # a value of another type than the key's current one
 WRONG = {bool: "maybe", int: {"not": "a number"}, float: "much", str: [1, 2], type(None): [[1]], list: 5, dict: 5}
 
 
 def plain_train_config(overrides: list[str]) -> dict:
     cfg = compose_train("/nonexistent/run", overrides)
-    return {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-            for key in cfg if key != "hydra"}
+    return {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in cfg
+        if key != "hydra"
+    }
 
 
 def plain_generate_config() -> dict:
@@ -97,17 +105,30 @@ def test_a_value_of_the_wrong_type_is_refused_naming_the_key(name, key):
 
 def test_a_key_nothing_takes_is_refused_naming_what_it_was_given_to():
     values = CONFIGS["default"]
-    with pytest.raises(UsageError, match=r"^data.batchsize is not a setting of shakespeare.data.datamodule.ShakespeareDataModule"):
+    with pytest.raises(
+        UsageError, match=r"^data.batchsize is not a setting of shakespeare.data.datamodule.ShakespeareDataModule"
+    ):
         check("default", put(values, "data.batchsize", 32))
     with pytest.raises(UsageError, match=r"^checkpoint.every is not a setting of this project"):
         check("default", put(values, "checkpoint.every", 32))
 
 
 def test_a_step_too_big_for_memory_is_refused_with_the_estimate_and_the_batch_that_fits():
-    model = GeneratorConfig(vocab_size=66, sequence_length=64, name="scale_up", attention="multihead", embedding_size=64,
-                            num_heads=8,
-                            feed_forward=True, residual=True, layer_norm=True, dropout=0.1)  # the scale-up
-    with pytest.raises(UsageError, match=r"needs about [\d.]+ (TiB|GiB) .* Lower data.batch_size to at most ([\d,]+)") as err:
+    model = GeneratorConfig(
+        vocab_size=66,
+        sequence_length=64,
+        name="scale_up",
+        attention="multihead",
+        embedding_size=64,
+        num_heads=8,
+        feed_forward=True,
+        residual=True,
+        layer_norm=True,
+        dropout=0.1,
+    )  # the scale-up
+    with pytest.raises(
+        UsageError, match=r"needs about [\d.]+ (TiB|GiB) .* Lower data.batch_size to at most ([\d,]+)"
+    ) as err:
         check_memory(model, batch_size=100_000_000)
     fits = int(err.value.args[0].split("at most ")[1].split(" ")[0].replace(",", ""))
     check_memory(model, batch_size=fits // 2)  # (the memory other processes leave free moves a little)
@@ -126,7 +147,10 @@ def test_every_rung_has_an_estimate():
 
 def test_a_time_budget_in_fractional_seconds_is_refused_saying_whole_numbers():
     values = put(CONFIGS["default"], "trainer.max_time", {"seconds": 26.5})
-    with pytest.raises(UsageError, match=r"trainer.max_time=\{'seconds': 26.5\} .* takes text, a mapping of keys to whole numbers or null"):
+    with pytest.raises(
+        UsageError,
+        match=r"trainer.max_time=\{'seconds': 26.5\} .* takes text, a mapping of keys to whole numbers or null",
+    ):
         check("default", values)
 
 
@@ -134,7 +158,9 @@ def test_a_builder_that_takes_any_keyword_takes_any_value():
     def callback(every: int = 1, **options: Any) -> None:  # a user's callback that passes its options on
         """A builder whose extra keywords are typed Any."""
 
-    check_values({"callbacks": {"mine": {"every": 2, "colour": "red", "sizes": [1, 2]}}}, {}, {}, {"callbacks.mine": callback})
+    check_values(
+        {"callbacks": {"mine": {"every": 2, "colour": "red", "sizes": [1, 2]}}}, {}, {}, {"callbacks.mine": callback}
+    )
     with pytest.raises(UsageError, match=r"^callbacks.mine.every='2' is refused"):
         check_values({"callbacks": {"mine": {"every": "2"}}}, {}, {}, {"callbacks.mine": callback})
 
@@ -143,7 +169,9 @@ def numeric_leaves() -> list[tuple[str, str]]:
     """(config, key) for every key of the composed configs that takes a number (not only a choice among a few)."""
     found = {}
     for name, values in reversed(CONFIGS.items()):
-        table, ranges, builders = (SETTINGS, GENERATE_RANGES, {}) if name == "generate.py" else (TYPES, RANGES, BUILDERS)
+        table, ranges, builders = (
+            (SETTINGS, GENERATE_RANGES, {}) if name == "generate.py" else (TYPES, RANGES, BUILDERS)
+        )
         for leaf in described(values, table, ranges, builders):
             counts = conforms(12345, leaf.kind) or conforms(0.123, leaf.kind)
             if leaf.kind not in (None, NOT_TAKEN) and counts and (leaf.rule or not conforms("any text", leaf.kind)):

@@ -25,9 +25,19 @@ from shakespeare.training.module import warmup_cosine
 from tests.harness import compose_train
 
 BUDGET = 10  # seconds of fake time: ten training steps
-RUN = ["model=block_norm_dropout", "data.batch_size=32", "trainer.max_epochs=-1", "trainer.limit_train_batches=4",
-       "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", f"trainer.max_time=00:00:00:{BUDGET:02d}",
-       "optimizer=adamw", "scheduler=warmup_cosine", "scheduler.warmup_steps=2", "checkpoint.every_n_steps=3"]
+RUN = [
+    "model=block_norm_dropout",
+    "data.batch_size=32",
+    "trainer.max_epochs=-1",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.enable_progress_bar=false",
+    f"trainer.max_time=00:00:00:{BUDGET:02d}",
+    "optimizer=adamw",
+    "scheduler=warmup_cosine",
+    "scheduler.warmup_steps=2",
+    "checkpoint.every_n_steps=3",
+]
 
 
 class FakeClock(L.Callback):
@@ -60,7 +70,9 @@ def expected_learning_rates(lr: float, steps: range, warmup_steps: int = 2) -> l
 
 
 @pytest.mark.parametrize("max_time", [f"00:00:00:{BUDGET:02d}", f"{{seconds:{BUDGET}}}"])
-def test_the_learning_rate_follows_the_elapsed_fraction_of_max_time_and_ends_annealed(max_time, clock, corpus, tmp_path):
+def test_the_learning_rate_follows_the_elapsed_fraction_of_max_time_and_ends_annealed(
+    max_time, clock, corpus, tmp_path
+):
     cfg = compose_train(tmp_path / "run", [f"data.path={corpus}", *RUN, f"trainer.max_time={max_time}"])
     cli.fit(cfg)
     assert len(clock.learning_rates) == BUDGET  # the Timer stopped the run when the budget was spent
@@ -70,7 +82,10 @@ def test_the_learning_rate_follows_the_elapsed_fraction_of_max_time_and_ends_ann
     assert last["callbacks"]["Timer"]["time_elapsed"]["train"] == pytest.approx(BUDGET)
     log = (tmp_path / "run" / "research_log.md").read_text()
     assert re.findall(r"^(step \d+ \(\d+ s of \d+ s\)) -- ", log, re.M) == [  # the budget, never epoch 0/-1
-        "step 4 (4 s of 10 s)", "step 8 (8 s of 10 s)", "step 10 (10 s of 10 s)"]
+        "step 4 (4 s of 10 s)",
+        "step 8 (8 s of 10 s)",
+        "step 10 (10 s of 10 s)",
+    ]
     assert "max_time=10s" in log and ", epochs=" not in log
 
 
@@ -107,13 +122,17 @@ def test_a_resumed_run_counts_the_time_already_spent(clock, corpus, tmp_path):
 
 @pytest.mark.parametrize("value", ["00:10:00", "ten minutes", "00:00:00:00"])
 def test_a_bad_max_time_is_named_with_the_format(value, tiny_cfg):
-    with pytest.raises(UsageError, match=f"trainer.max_time='{value}' is not a time budget: write days:hours:minutes:seconds"):
+    with pytest.raises(
+        UsageError, match=f"trainer.max_time='{value}' is not a time budget: write days:hours:minutes:seconds"
+    ):
         cli.fit(tiny_cfg(f"trainer.max_time='{value}'"))
 
 
 def test_time_spent_counts_in_the_cosine_once_past_the_warm_up():
     assert warmup_cosine(0, float("inf"), 10, 0.1, time_spent=0.5) == pytest.approx(0.1)  # warming up
-    assert warmup_cosine(8, float("inf"), 10, 0.1, time_spent=0.9) == pytest.approx(0.1 + 0.45 * (1 + math.cos(0.9 * math.pi)))
+    assert warmup_cosine(8, float("inf"), 10, 0.1, time_spent=0.9) == pytest.approx(
+        0.1 + 0.45 * (1 + math.cos(0.9 * math.pi))
+    )
     assert warmup_cosine(20, float("inf"), 10, 0.1, time_spent=0.5) == pytest.approx(0.55)
     assert warmup_cosine(20, float("inf"), 10, 0.1, time_spent=1.0) == pytest.approx(0.1)
     assert warmup_cosine(20, 30, 10, 0.0, time_spent=0.0) == pytest.approx(0.5)  # steps further along than time
@@ -130,18 +149,36 @@ def test_the_modern_ladder_sweeps_every_rung_from_block_norm_dropout_up_for_one_
     assert [cfg.model.name for cfg in jobs.values()] == LADDER_RUNGS
     assert [cfg.optimizer._target_.rsplit(".", 1)[-1] for cfg in jobs.values()] == ["AdamW"] * 5 + ["MuonAdamW"]
     assert jobs["muon"].model.keys() == jobs["qk_norm"].model.keys()
-    assert {k: v for k, v in jobs["muon"].model.items() if k != "name"} == {k: v for k, v in jobs["qk_norm"].model.items() if k != "name"}
-    for key in ("trainer.max_time", "model.embedding_size", "model.num_blocks", "data.sequence_length", "model.dropout"):
+    assert {k: v for k, v in jobs["muon"].model.items() if k != "name"} == {
+        k: v for k, v in jobs["qk_norm"].model.items() if k != "name"
+    }
+    for key in (
+        "trainer.max_time",
+        "model.embedding_size",
+        "model.num_blocks",
+        "data.sequence_length",
+        "model.dropout",
+    ):
         assert len({str(OmegaConf.select(cfg, key)) for cfg in jobs.values()}) == 1, key
 
 
 def test_the_report_gives_each_rungs_loss_at_the_budget_and_its_gain_over_the_rung_before():
     def run(rung: str, losses: list[float], max_time: str | None = "00:00:02:00") -> Run:
-        return Run(path=Path(rung), name=rung, config={"model": {"name": rung}, "trainer": {"max_time": max_time}},
-                   scalars={"val/loss": [(100 * (i + 1), 0.0, loss) for i, loss in enumerate(losses)]})
+        return Run(
+            path=Path(rung),
+            name=rung,
+            config={"model": {"name": rung}, "trainer": {"max_time": max_time}},
+            scalars={"val/loss": [(100 * (i + 1), 0.0, loss) for i, loss in enumerate(losses)]},
+        )
 
-    table = budget_table([run("block_norm_dropout", [2.0, 1.8]), run("rmsnorm", [1.9, 1.85]), run("rope", [1.7]),
-                          run("bigram", [2.5], max_time=None)])
+    table = budget_table(
+        [
+            run("block_norm_dropout", [2.0, 1.8]),
+            run("rmsnorm", [1.9, 1.85]),
+            run("rope", [1.7]),
+            run("bigram", [2.5], max_time=None),
+        ]
+    )
     assert table.splitlines()[2:] == [
         "| block_norm_dropout | 120 s | 200 | 1.8000 | - |",
         "| rmsnorm | 120 s | 200 | 1.8500 | -0.0500 |",

@@ -48,8 +48,16 @@ def test_training_lowers_the_loss(tiny_cfg):
 def test_early_stopping_stops(tiny_cfg, capsys):
     # the best loss is epoch 1's; epochs 2 and 3 improve on it by less than min_delta, so patience 2 stops there
     losses = "+callbacks.script.losses=[3.0,2.5,2.45,2.6,2.0]"
-    fit(tiny_cfg("model=bigram", "trainer.max_epochs=10", "callbacks.early_stopping.patience=2",
-                 "callbacks.early_stopping.min_delta=0.1", "+callbacks.script._target_=tests.probes.ScriptedValLoss", losses))
+    fit(
+        tiny_cfg(
+            "model=bigram",
+            "trainer.max_epochs=10",
+            "callbacks.early_stopping.patience=2",
+            "callbacks.early_stopping.min_delta=0.1",
+            "+callbacks.script._target_=tests.probes.ScriptedValLoss",
+            losses,
+        )
+    )
     out = capsys.readouterr().out
     assert "3/10 -- " in out and "4/10 -- " not in out
 
@@ -62,14 +70,14 @@ def test_min_delta_without_patience_is_refused(tiny_cfg):
 def test_missing_accelerator_names_the_available_ones():
     if torch.backends.mps.is_available():
         pytest.skip("this machine has mps")
-    with pytest.raises(UsageError, match=r"trainer.accelerator=mps is not available on this machine; available here: cpu"):
+    with pytest.raises(
+        UsageError, match=r"trainer.accelerator=mps is not available on this machine; available here: cpu"
+    ):
         check_accelerator("mps")
     with pytest.raises(UsageError, match="choose one of"):
         check_accelerator("tpuu")
     for name in ("cpu", "auto"):
         check_accelerator(name)
-
-
 
 
 @pytest.mark.slow
@@ -92,8 +100,9 @@ def test_the_users_sweep_trains_one_model_per_job_whose_folder_pastes_back_unquo
     jobs = sorted(p.parent for p in (tmp_path / "outputs" / "multiruns").glob("*/*/*/checkpoints"))
     # data.path stays out of the names (a path, not a label); a capped run says so
     capped = "trainer.limit_train_batches-3+trainer.limit_val_batches-2"
-    assert [p.name for p in jobs] == [f"{i}_data.batch_size-32+model.num_heads-{h}+{capped}+trainer.max_epochs-1"
-                                      for i, h in ((0, 4), (1, 8))]
+    assert [p.name for p in jobs] == [
+        f"{i}_data.batch_size-32+model.num_heads-{h}+{capped}+trainer.max_epochs-1" for i, h in ((0, 4), (1, 8))
+    ]
     for job, heads in zip(jobs, (4, 8)):
         assert list(job.glob("events.out.tfevents.*")) and (job / "checkpoints" / "last.ckpt").exists()
         model = (job / "research_log.md").read_text().split("optimizer=")[0]
@@ -101,12 +110,26 @@ def test_the_users_sweep_trains_one_model_per_job_whose_folder_pastes_back_unquo
 
     job = jobs[0].relative_to(tmp_path)  # pasted as printed, unquoted, into both commands
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    resumed = subprocess.run(f"{sys.executable} {ROOT / 'train.py'} model.num_heads=4 {' '.join(tiny)} trainer.max_epochs=2 "
-                             f"ckpt_path={job}", shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        f"{sys.executable} {ROOT / 'train.py'} model.num_heads=4 {' '.join(tiny)} trainer.max_epochs=2 ckpt_path={job}",
+        shell=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "1/2 -- " in (jobs[0] / "research_log.md").read_text()  # the job's own folder went on
-    generated = subprocess.run(f"{sys.executable} {ROOT / 'generate.py'} ckpt_path={job} max_new_tokens=20", shell=True,
-                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    generated = subprocess.run(
+        f"{sys.executable} {ROOT / 'generate.py'} ckpt_path={job} max_new_tokens=20",
+        shell=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert generated.returncode == 0 and len(generated.stdout) == 21, generated.stderr[-3000:]
 
 
@@ -131,8 +154,14 @@ def test_a_sweep_job_folder_pastes_unquoted_into_ckpt_path(overrides, tmp_path):
 
 def test_on_a_terminal_the_bar_is_drawn_and_the_end_of_training_sample_still_printed(tiny_cfg, capsys, monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # capsys's stdout, as a terminal would be
-    fit(tiny_cfg("model=bigram", "trainer.enable_progress_bar=true", "callbacks.progress_bar.refresh_rate=1",
-                 "callbacks.generation_sample.max_new_tokens=30"))
+    fit(
+        tiny_cfg(
+            "model=bigram",
+            "trainer.enable_progress_bar=true",
+            "callbacks.progress_bar.refresh_rate=1",
+            "callbacks.generation_sample.max_new_tokens=30",
+        )
+    )
     out = capsys.readouterr().out
     assert "Epoch 0: 100%" in out and "it/s" in out  # Lightning's bar
     assert "Generation:\n---------- Predict from empty input:\n" in out  # printed after the bar was closed
@@ -147,14 +176,26 @@ def test_piped_the_bar_is_off(tiny_cfg, capsys):
 @pytest.mark.slow
 def test_a_run_piped_to_a_file_prints_epoch_lines_and_no_noise(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
-    args = [f"data.path={corpus}", "model=block_norm_dropout", "data.batch_size=32", "trainer.limit_train_batches=40",
-            "trainer.limit_val_batches=2", "callbacks.progress_bar.refresh_rate=1"]
+    args = [
+        f"data.path={corpus}",
+        "model=block_norm_dropout",
+        "data.batch_size=32",
+        "trainer.limit_train_batches=40",
+        "trainer.limit_val_batches=2",
+        "callbacks.progress_bar.refresh_rate=1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for epochs, resume in ((1, []), (2, ["ckpt_path=last"])):
         log = tmp_path / f"log{epochs}.txt"
         with open(log, "w") as out:  # stdout is a file, as under CI, SLURM or `| tee`
-            code = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"trainer.max_epochs={epochs}", *resume],
-                                  cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=300).returncode
+            code = subprocess.run(
+                [sys.executable, str(ROOT / "train.py"), *args, f"trainer.max_epochs={epochs}", *resume],
+                cwd=tmp_path,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=300,
+            ).returncode
         text = log.read_text()
         assert code == 0, text[-3000:]
         assert f"{epochs - 1}/{epochs} -- " in text and "Training completed" in text and "Generation:" in text
@@ -163,22 +204,34 @@ def test_a_run_piped_to_a_file_prints_epoch_lines_and_no_noise(tmp_path):
             assert noise not in text, text
 
 
-NOISE = ("Seed set to", "GPU available:", "TPU available:", "`Trainer.fit` stopped", "litlogger", "litmodels",
-         "smaller than the logging interval")
+NOISE = (
+    "Seed set to",
+    "GPU available:",
+    "TPU available:",
+    "`Trainer.fit` stopped",
+    "litlogger",
+    "litmodels",
+    "smaller than the logging interval",
+)
 
 
 @pytest.mark.slow
 def test_a_run_ends_saying_where_it_is_and_prints_no_noise(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
-    result = run_train([f"data.path={corpus}", "model=bigram", "trainer.max_epochs=1", "trainer.limit_train_batches=3"], tmp_path)
+    result = run_train(
+        [f"data.path={corpus}", "model=bigram", "trainer.max_epochs=1", "trainer.limit_train_batches=3"], tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout + result.stderr
     assert not [noise for noise in NOISE if noise in out]
     *_, where, write, report, board = result.stdout.rstrip("\n").split("\n")
     folder = where.removeprefix("Run folder: ")
     assert where.startswith("Run folder: outputs/") and (tmp_path / folder / "checkpoints" / "best.ckpt").is_file()
-    assert (write, report, board) == (f"  python generate.py ckpt_path={folder}", f"  python -m shakespeare.report {folder}",
-                                      f"  tensorboard --logdir {folder}")
+    assert (write, report, board) == (
+        f"  python generate.py ckpt_path={folder}",
+        f"  python -m shakespeare.report {folder}",
+        f"  tensorboard --logdir {folder}",
+    )
     refused = run_train([f"data.path={corpus}", "model=bigram", "data.batch_size=0"], tmp_path)
     assert refused.returncode == 2 and "Seed set" not in refused.stdout + refused.stderr
 
@@ -193,10 +246,24 @@ def test_on_a_terminal_the_bar_is_gone_before_the_last_lines(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     main, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # 40 rows of 160: room for the bar
-    args = [sys.executable, str(ROOT / "train.py"), f"data.path={corpus}", "model=block", "trainer.max_epochs=2",
-            "trainer.limit_train_batches=60", "callbacks.progress_bar.refresh_rate=1", "data.batch_size=64"]
-    proc = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=terminal,
-                            stdout=terminal, stderr=terminal)
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"data.path={corpus}",
+        "model=block",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=60",
+        "callbacks.progress_bar.refresh_rate=1",
+        "data.batch_size=64",
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+    )
     os.close(terminal)
     chunks = []
     while True:

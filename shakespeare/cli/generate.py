@@ -15,18 +15,17 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from shakespeare.run.composition import CONFIG_DIR, explained_composition
-from shakespeare.model.loading import BEST, EXAMPLE, load_generator
 from shakespeare.errors import UsageError
+from shakespeare.model.loading import BEST, EXAMPLE, load_generator
 from shakespeare.model.sampling import ON_UNKNOWN, Seed, check_options, stream
-from shakespeare.run.folders import newest_run
 from shakespeare.ranges import ranges_of, rule_of
+from shakespeare.run.composition import CONFIG_DIR, explained_composition
+from shakespeare.run.folders import newest_run
 from shakespeare.run.host import set_threads
 from shakespeare.run.schema import check_types, parameters
 from shakespeare.tokenizer import printable
 
 log = logging.getLogger("shakespeare")
-
 
 
 def check_device(name: str) -> torch.device:
@@ -51,8 +50,11 @@ SETTINGS = {
     "threads": parameters(set_threads).types["threads"],
     "raw": bool,
 }
-RANGES = {**{key: rule for key, (rule, _) in OPTIONS.ranges.items()}, "seed": rule_of(Seed),
-          "threads": ranges_of(set_threads)["threads"][0]}
+RANGES = {
+    **{key: rule for key, (rule, _) in OPTIONS.ranges.items()},
+    "seed": rule_of(Seed),
+    "threads": ranges_of(set_threads)["threads"][0],
+}
 
 
 def checkpoint_of(ckpt_path: str, log_dir: str) -> str | Path:

@@ -73,7 +73,9 @@ def run(cfg: DictConfig) -> float | None:
             sys.exit(getattr(err, "exit_code", 2))
         raise
     if rank_zero_only.rank == 0:  # where the run is, and what reads it
-        print("Run folder: " + shown(cfg.paths.output_dir) if sweeping() else next_steps(cfg.paths.output_dir), flush=True)
+        print(
+            "Run folder: " + shown(cfg.paths.output_dir) if sweeping() else next_steps(cfg.paths.output_dir), flush=True
+        )
     return metrics.get("val/loss_best")
 
 
@@ -128,8 +130,14 @@ def build_trainer(cfg: DictConfig, checkpoint: dict[str, Any] | None) -> L.Train
         build(conf, f"logger.{name}", **(resumed if conf._target_.endswith("TensorBoardLogger") else {}))
         for name, conf in (cfg.get("logger") or {}).items()
     ]
-    trainer = build(cfg.trainer, "trainer", _convert_="all",  # plain dicts: trainer.max_time={minutes:10} is one
-                    callbacks=build_callbacks(cfg), logger=loggers, plugins=[AtomicCheckpointIO()])
+    trainer = build(
+        cfg.trainer,
+        "trainer",
+        _convert_="all",  # plain dicts: trainer.max_time={minutes:10} is one
+        callbacks=build_callbacks(cfg),
+        logger=loggers,
+        plugins=[AtomicCheckpointIO()],
+    )
     check_sweep_strategy(trainer)
     for logger in loggers:  # the HParams tab: these hyperparameters against the best validation loss so far
         logger.log_hyperparams(hyperparameters(cfg), metrics={BEST_VAL_LOSS: math.nan})
@@ -182,8 +190,12 @@ def check_sweep_strategy(trainer: L.Trainer) -> None:
     """Refuse `trainer=ddp` in a local `-m` sweep: it starts its extra processes by re-running the command,
     and each of them would run the whole sweep again."""
     external = getattr(trainer.strategy, "cluster_environment", None)
-    if (reruns_the_command(trainer) and not (external and external.creates_processes_externally)
-            and trainer.num_devices > 1 and sweeping()):
+    if (
+        reruns_the_command(trainer)
+        and not (external and external.creates_processes_externally)
+        and trainer.num_devices > 1
+        and sweeping()
+    ):
         raise UsageError(
             f"trainer.strategy=ddp with trainer.devices={trainer.num_devices} starts its extra processes by "
             "re-running this command, so inside a -m sweep every process would run the whole sweep again. In "
@@ -192,9 +204,22 @@ def check_sweep_strategy(trainer: L.Trainer) -> None:
         )
 
 
-NOT_HYPERPARAMETERS = ("hydra", "paths", "logger", "ckpt_path", "checkpoint", "callbacks", "host", "data.url",
-                       "data.sha256", "data.archive_sha256", "data.cache_dir", "trainer.default_root_dir",
-                       "trainer.enable_progress_bar", "trainer.enable_model_summary")
+NOT_HYPERPARAMETERS = (
+    "hydra",
+    "paths",
+    "logger",
+    "ckpt_path",
+    "checkpoint",
+    "callbacks",
+    "host",
+    "data.url",
+    "data.sha256",
+    "data.archive_sha256",
+    "data.cache_dir",
+    "trainer.default_root_dir",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+)
 
 
 def hyperparameters(cfg: DictConfig) -> dict:

@@ -48,8 +48,9 @@ def cache_lock(path: Path) -> FileLock:
     return FileLock(str(path.with_name(path.name + ".lock")))
 
 
-def fetch_corpus(url: str, sha256: str, cache_dir: str | Path, file: str | None = None,
-                 archive_sha256: str | None = None) -> Path:
+def fetch_corpus(
+    url: str, sha256: str, cache_dir: str | Path, file: str | None = None, archive_sha256: str | None = None
+) -> Path:
     """A verified copy of the corpus in `cache_dir/file`: the cached one, or a fresh download of `url`.
 
     With `archive_sha256`, `url` is a zip archive holding `file`: the archive is verified, then `file` is
@@ -161,14 +162,18 @@ def text_files(path: str | Path) -> list[Path]:
     if any(c in pattern for c in GLOB_CHARACTERS):
         files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
         if not files:
-            raise UsageError(f"data.path={str(path)!r} matches no files. Check the pattern, e.g. data.path='books/*.txt'.")
+            raise UsageError(
+                f"data.path={str(path)!r} matches no files. Check the pattern, e.g. data.path='books/*.txt'."
+            )
         return files
     path = Path(pattern)
     if path.is_file():
         return [path]
     if path.is_dir():
         files = sorted(
-            f for f in path.rglob("*.txt") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
+            f
+            for f in path.rglob("*.txt")
+            if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
         )
         if not files:
             raise UsageError(

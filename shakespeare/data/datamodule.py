@@ -44,7 +44,9 @@ class ShakespeareDataModule(L.LightningDataModule):
         if split not in SPLITS:
             raise UsageError(f"data.split={split!r} is not a split; choose one of {', '.join(SPLITS)}.")
         if unit not in UNITS:
-            raise UsageError(f"data.unit={unit!r} is not a unit; choose char (the text's characters) or byte (its bytes).")
+            raise UsageError(
+                f"data.unit={unit!r} is not a unit; choose char (the text's characters) or byte (its bytes)."
+            )
         check_arguments(ShakespeareDataModule, locals(), "data")
         if val_stride is not None and split != "contiguous":
             raise UsageError(
@@ -152,8 +154,12 @@ class ShakespeareDataModule(L.LightningDataModule):
                 f"this run has {now}. Each process takes every {saved}-th window of the epoch with a batch of "
                 f"data.batch_size={self.hparams.batch_size}, so on {now} the batches and the order of the windows "
                 f"would change and the run would no longer continue exactly. Resume it on {saved}: "
-                + ("trainer=ddp trainer.devices=... with trainer.devices x trainer.num_nodes = "
-                   f"{saved} (or torchrun with {saved} processes in all)." if saved > 1 else "without trainer=ddp.")
+                + (
+                    "trainer=ddp trainer.devices=... with trainer.devices x trainer.num_nodes = "
+                    f"{saved} (or torchrun with {saved} processes in all)."
+                    if saved > 1
+                    else "without trainer=ddp."
+                )
             )
 
     def train_dataloader(self) -> SlidingWindows:

@@ -55,8 +55,9 @@ class Stale(Exception):
     """Why a token cache cannot be used as it is."""
 
 
-def load_tokens(files: list[Path] | Callable[[], list[Path]], unit: str, cache_dir: str | Path,
-                digests: list[str] | None = None) -> TokenCache:
+def load_tokens(
+    files: list[Path] | Callable[[], list[Path]], unit: str, cache_dir: str | Path, digests: list[str] | None = None
+) -> TokenCache:
     """The token cache of `files` (their texts in order) as `unit` tokens: opened and verified, or encoded
     now if it is missing or does not verify. With `digests` (a published corpus's SHA-256), `files` may be a
     function that fetches them, called only if they must be encoded: a cached corpus is not even read."""
@@ -126,7 +127,9 @@ def open_cache(path: Path, key: str) -> TokenCache:
 
 
 def mapped(path: Path, dtype: str, length: int, vocabulary: list[str], lengths: list[int]) -> TokenCache:
-    tokens = np.memmap(path, dtype=dtype, mode="c", shape=(length,))  # copy-on-write: writable for torch, file untouched
+    tokens = np.memmap(
+        path, dtype=dtype, mode="c", shape=(length,)
+    )  # copy-on-write: writable for torch, file untouched
     return TokenCache(path, torch.from_numpy(tokens), vocabulary, lengths)
 
 
@@ -152,9 +155,17 @@ def encode(files: list[Path], digests: list[str], unit: str, path: Path, key: st
                     lengths[-1] += len(codes)
         if sum(lengths) == 0:
             raise UsageError(f"data.path={str(files[0])!r} is empty. Pass a file with some text in it.")
-        record = {"format": FORMAT, "key": key, "unit": unit, "dtype": dtype, "length": sum(lengths),
-                  "lengths": lengths, "checksum": checksum(partial), "vocabulary": vocabulary,
-                  "sources": [{"name": file.name, "checksum": d} for file, d in zip(files, digests)]}
+        record = {
+            "format": FORMAT,
+            "key": key,
+            "unit": unit,
+            "dtype": dtype,
+            "length": sum(lengths),
+            "lengths": lengths,
+            "checksum": checksum(partial),
+            "vocabulary": vocabulary,
+            "sources": [{"name": file.name, "checksum": d} for file, d in zip(files, digests)],
+        }
         os.replace(partial, path)
         record_partial.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
         os.replace(record_partial, path.with_suffix(".json"))
@@ -235,6 +246,10 @@ class CharacterEncoder:
     def chunks(self, file: Path) -> Iterator[bytes | np.ndarray]:
         for text in text_chunks(file):
             if isinstance(text, bytes):
-                yield text.translate(self.ascii_table) if self.ascii_table else self.table[np.frombuffer(text, dtype=np.uint8)]
+                yield (
+                    text.translate(self.ascii_table)
+                    if self.ascii_table
+                    else self.table[np.frombuffer(text, dtype=np.uint8)]
+                )
             else:
                 yield self.table[text]

@@ -55,14 +55,25 @@ class GeneratorConfig:
     # dropout on the attention weights; None: `dropout` (0 lets fused attention take the flash kernel)
     attention_dropout: Annotated[float, PROBABILITY] | None = None
     fused_attention: bool = False  # all heads in one q/k/v Linear + scaled_dot_product_attention: same function, faster
-    norm: Literal[tuple(NORMS)] = "layer"  # layer: LayerNorm (the log's); rms: RMSNorm (no mean, no bias; model=rmsnorm)
-    position: Literal[POSITIONS] = "learned"  # learned: an Embedding added to the input (the log's); rope: rotary (model=rope)
-    activation: Literal[tuple(ACTIVATIONS)] = "gelu"  # the feed-forward's: gelu (the log's); relu2: relu(x)² (model=relu2)
+    norm: Literal[tuple(NORMS)] = (
+        "layer"  # layer: LayerNorm (the log's); rms: RMSNorm (no mean, no bias; model=rmsnorm)
+    )
+    position: Literal[POSITIONS] = (
+        "learned"  # learned: an Embedding added to the input (the log's); rope: rotary (model=rope)
+    )
+    activation: Literal[tuple(ACTIVATIONS)] = (
+        "gelu"  # the feed-forward's: gelu (the log's); relu2: relu(x)² (model=relu2)
+    )
     qk_norm: bool = False  # normalise each head's queries and keys (with `norm`) before the rotation (model=qk_norm)
     compile: bool = False  # torch.compile the model (the first steps pay for compiling); ShakespeareModule applies it
 
     def __post_init__(self) -> None:
-        for key, choices in (("attention", ATTENTIONS), ("norm", NORMS), ("position", POSITIONS), ("activation", ACTIVATIONS)):
+        for key, choices in (
+            ("attention", ATTENTIONS),
+            ("norm", NORMS),
+            ("position", POSITIONS),
+            ("activation", ACTIVATIONS),
+        ):
             if getattr(self, key) not in choices:
                 raise UsageError(f"model.{key}={getattr(self, key)!r} is not one of {', '.join(choices)}.")
         check_arguments(GeneratorConfig, vars(self), "model")

@@ -51,7 +51,9 @@ def load_verified(path: Path, map_location: str | torch.device = "cpu") -> Any:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError):
-        raise Unreadable("it is cut short or not a PyTorch checkpoint at all (checkpoints are complete zip archives)") from None
+        raise Unreadable(
+            "it is cut short or not a PyTorch checkpoint at all (checkpoints are complete zip archives)"
+        ) from None
     if damaged is not None:
         raise Unreadable(f"its contents are damaged (the checksum of {damaged} does not match: bit rot or a bad copy)")
     try:
@@ -63,18 +65,24 @@ def load_verified(path: Path, map_location: str | torch.device = "cpu") -> Any:
             "refuses, so it is not a checkpoint written by train.py, whose hyperparameters are plain data"
         ) from None
     except Exception as err:  # a zip of other files, or records torch cannot read
-        raise Unreadable(f"torch cannot read its records: it is damaged or truncated, or not a checkpoint written by "
-                         f"train.py ({type(err).__name__})") from None
+        raise Unreadable(
+            f"torch cannot read its records: it is damaged or truncated, or not a checkpoint written by "
+            f"train.py ({type(err).__name__})"
+        ) from None
 
 
-def load_generator(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[ShakespeareGenerator, Tokenizer]:
+def load_generator(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[ShakespeareGenerator, Tokenizer]:
     """The trained model (in eval mode) and tokenizer of a checkpoint or a run folder (its best.ckpt)."""
     path = resolve_checkpoint(path)
     try:
         checkpoint = load_verified(path, map_location)
     except Unreadable as err:
-        raise UsageError(f"ckpt_path={str(path)!r} cannot be read: {err}. Pass a complete checkpoint written by "
-                         f"train.py, such as {EXAMPLE}.") from None
+        raise UsageError(
+            f"ckpt_path={str(path)!r} cannot be read: {err}. Pass a complete checkpoint written by "
+            f"train.py, such as {EXAMPLE}."
+        ) from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or not {"vocabulary", "model"} <= hparams.keys() or "state_dict" not in checkpoint:
         raise UsageError(

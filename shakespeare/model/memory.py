@@ -77,8 +77,10 @@ def available_memory(accelerator: str) -> tuple[int, str] | None:
         fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
         if "MemAvailable" in fields:
             free.append(int(fields["MemAvailable"].split()[0]) * 1024)
-    for limit, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit, used in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             free.append(int(Path(limit).read_text()) - int(Path(used).read_text()))
         except (OSError, ValueError):  # absent, or "max": no limit
@@ -86,8 +88,9 @@ def available_memory(accelerator: str) -> tuple[int, str] | None:
     return (min(free), "available in RAM") if free else None
 
 
-def check_memory(model: GeneratorConfig, batch_size: int, processes: int = 1, accelerator: str = "cpu",
-                 asked: int | None = None) -> StepMemory:
+def check_memory(
+    model: GeneratorConfig, batch_size: int, processes: int = 1, accelerator: str = "cpu", asked: int | None = None
+) -> StepMemory:
     """Refuse a run whose training step cannot fit in the memory free for it, naming the estimate and the
     largest data.batch_size that fits. `processes`: how many such steps share the memory (DDP on one CPU);
     `asked`: the data.batch_size the user set, when the text holds fewer windows (a batch is then all of them)."""
@@ -99,13 +102,21 @@ def check_memory(model: GeneratorConfig, batch_size: int, processes: int = 1, ac
     per_window = (need.activations + need.logits) / batch_size
     fits = math.floor((room / processes - need.parameters) / per_window)
     share = f" each, for {processes} processes" if processes > 1 else ""
-    parts = (f"activations {size(need.activations)}, logits {size(need.logits)}, parameters with their gradients "
-             f"and Adam's state {size(need.parameters)}")
-    fix = (f"Lower data.batch_size to at most {fits:,} (memory grows with it), or data.sequence_length, "
-           "model.embedding_size or model.num_blocks." if fits >= 1 else
-           "The model alone does not fit: lower model.embedding_size, model.num_blocks or model.feed_forward_size.")
-    batch = f"data.batch_size={batch_size:,}" if asked in (None, batch_size) else (
-        f"data.batch_size={asked:,}: a batch of all {batch_size:,} training windows the text has")
+    parts = (
+        f"activations {size(need.activations)}, logits {size(need.logits)}, parameters with their gradients "
+        f"and Adam's state {size(need.parameters)}"
+    )
+    fix = (
+        f"Lower data.batch_size to at most {fits:,} (memory grows with it), or data.sequence_length, "
+        "model.embedding_size or model.num_blocks."
+        if fits >= 1
+        else "The model alone does not fit: lower model.embedding_size, model.num_blocks or model.feed_forward_size."
+    )
+    batch = (
+        f"data.batch_size={batch_size:,}"
+        if asked in (None, batch_size)
+        else (f"data.batch_size={asked:,}: a batch of all {batch_size:,} training windows the text has")
+    )
     raise UsageError(
         f"This run needs about {size(need.total)} for one training step{share} ({batch}, "
         f"data.sequence_length={model.sequence_length}, model={model.name}: {parts}), but only {size(room)} "

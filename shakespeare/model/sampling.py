@@ -12,9 +12,9 @@ import torch
 from torch.nn import functional as F
 
 from shakespeare.errors import UsageError
-from shakespeare.ranges import AT_LEAST_0, AT_LEAST_1, TORCH_SEED, Range, check_arguments
 from shakespeare.model.generator import Block, ShakespeareGenerator
 from shakespeare.model.sliding_window import SlidingWindow
+from shakespeare.ranges import AT_LEAST_0, AT_LEAST_1, TORCH_SEED, Range, check_arguments
 from shakespeare.tokenizer import Tokenizer
 
 ON_UNKNOWN = ("error", "skip")
@@ -55,7 +55,9 @@ class NextCharacter:
             self.model = model
             return
         with torch.device("meta"):
-            fused = ShakespeareGenerator(dataclasses.replace(cfg, fused_attention=True, dropout=0.0, attention_dropout=0.0))
+            fused = ShakespeareGenerator(
+                dataclasses.replace(cfg, fused_attention=True, dropout=0.0, attention_dropout=0.0)
+            )
         state = model.state_dict() if cfg.fused_attention else fuse_heads(model.state_dict())
         fused.load_state_dict(state, assign=True)
         for name, _ in fused.named_buffers():  # not in the state dict (RoPE's angles): the model's own
@@ -120,15 +122,27 @@ def next_character_reader(model: ShakespeareGenerator, context: str, num_streams
 
 # what each sampling option means, as a range: generate.py's keys and the training samples' (GenerationSample)
 NewTokens = Annotated[int, AT_LEAST_0]
-Temperature = Annotated[float, Range(0, math.inf, high_open=True, means="1 samples the model as trained, lower is "
-                                    "safer, 0 always picks the likeliest character")]
+Temperature = Annotated[
+    float,
+    Range(
+        0,
+        math.inf,
+        high_open=True,
+        means="1 samples the model as trained, lower is safer, 0 always picks the likeliest character",
+    ),
+]
 TopK = Annotated[int, AT_LEAST_1]  # sample among the k likeliest characters (null: among all)
 Streams = Annotated[int, AT_LEAST_1]
 Seed = Annotated[int, TORCH_SEED]
 
 
-def check_options(max_new_tokens: NewTokens, temperature: Temperature, top_k: TopK | None, num_samples: Streams,
-                  context: Literal[CONTEXTS] = "auto") -> None:
+def check_options(
+    max_new_tokens: NewTokens,
+    temperature: Temperature,
+    top_k: TopK | None,
+    num_samples: Streams,
+    context: Literal[CONTEXTS] = "auto",
+) -> None:
     """Refuse sampling options that have no meaning, naming the value and what it takes."""
     if context not in CONTEXTS:
         raise UsageError(

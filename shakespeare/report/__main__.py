@@ -32,7 +32,10 @@ def write_report(
     plot = plot_validation_curves(runs, out / "val_curves.png")
     samples = "\n" + samples_section(runs, prompt, seed, sample_length) if sample_length else ""
     report = out / "report.md"
-    report.write_text(f"# Runs in {Path(folder).name}\n\n{table}\n![validation loss per epoch]({plot.name})\n{samples}", encoding="utf-8")
+    report.write_text(
+        f"# Runs in {Path(folder).name}\n\n{table}\n![validation loss per epoch]({plot.name})\n{samples}",
+        encoding="utf-8",
+    )
     return table, report, plot
 
 

@@ -37,7 +37,6 @@ def plot_validation_curves(runs: list[Run], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     curves = [(label, run.loss_by_position) for run, label in zip(runs, labels(runs)) if run.loss_by_position]

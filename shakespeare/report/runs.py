@@ -71,7 +71,9 @@ class Run:
 
     def checkpoint(self) -> Path | None:
         """The checkpoint the run's sample is written with: its best, else its last."""
-        return next((c for c in (self.path / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")) if c.is_file()), None)
+        return next(
+            (c for c in (self.path / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")) if c.is_file()), None
+        )
 
     @property
     def time_budget(self) -> float | None:
@@ -90,8 +92,11 @@ class Run:
     def by_epoch(self) -> bool:
         """Whether the run counts epochs and validates at their ends (the log's runs), not every so many steps."""
         trainer = self.trainer
-        return (trainer.get("max_epochs") not in (None, -1) and trainer.get("val_check_interval") in (None, 1.0)
-                and trainer.get("check_val_every_n_epoch") is not None)
+        return (
+            trainer.get("max_epochs") not in (None, -1)
+            and trainer.get("val_check_interval") in (None, 1.0)
+            and trainer.get("check_val_every_n_epoch") is not None
+        )
 
     @property
     def epochs(self) -> int:
@@ -108,7 +113,11 @@ class Run:
         if self.by_epoch:
             return f"{self.epochs}/{self.max_epochs or '?'}"
         steps, max_steps = self.steps, self.trainer.get("max_steps")
-        text = "-" if steps is None else f"{steps:,}" + (f"/{max_steps:,}" if max_steps not in (None, -1) else "") + " steps"
+        text = (
+            "-"
+            if steps is None
+            else f"{steps:,}" + (f"/{max_steps:,}" if max_steps not in (None, -1) else "") + " steps"
+        )
         return text + (f" in {self.time_budget:.0f} s" if self.time_budget is not None else "")
 
     @property
@@ -244,7 +253,9 @@ def load_runs(folder: str | Path) -> list[Run]:
     """Every run under `folder`, in ladder order (then by name). Raises UsageError if there are none."""
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise UsageError(f"{str(root)!r} is not a folder. Pass a folder of runs, e.g. outputs/ or outputs/multiruns/<date>/<time>.")
+        raise UsageError(
+            f"{str(root)!r} is not a folder. Pass a folder of runs, e.g. outputs/ or outputs/multiruns/<date>/<time>."
+        )
     folders = find_run_folders(root)
     if not folders:
         raise UsageError(

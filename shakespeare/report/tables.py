@@ -43,7 +43,9 @@ def log_settings(rung: str) -> dict | None:
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", ["experiment=scale_up"] if rung == "scale_up" else ["experiment=ladder", f"model={rung}"])
+        cfg = compose(
+            "train", ["experiment=scale_up"] if rung == "scale_up" else ["experiment=ladder", f"model={rung}"]
+        )
     return defining(OmegaConf.to_container(cfg, resolve=False))
 
 
@@ -51,9 +53,12 @@ def defining(config: dict) -> dict:
     """The settings a loss in the research log depends on (fused attention computes the same model)."""
     model = {k: v for k, v in config.get("model", {}).items() if k not in ("fused_attention", "compile")}
     data, optimizer = config.get("data", {}), config.get("optimizer", {})
-    return {"model": model, "data": {k: data.get(k) for k in ("sequence_length", "batch_size")},
-            "optimizer": {k: optimizer.get(k) for k in ("_target_", "lr")},
-            "max_epochs": config.get("trainer", {}).get("max_epochs")}
+    return {
+        "model": model,
+        "data": {k: data.get(k) for k in ("sequence_length", "batch_size")},
+        "optimizer": {k: optimizer.get(k) for k in ("_target_", "lr")},
+        "max_epochs": config.get("trainer", {}).get("max_epochs"),
+    }
 
 
 def matches_the_log(run: Run) -> bool:
@@ -91,8 +96,11 @@ def markdown_table(runs: list[Run]) -> str:
             run.name,
         ]
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    notes = ["", "log's eval loss: the research log's, for runs of its rungs at its settings on tinyshakespeare, measured on "
-             "its random_windows split (see README). bpc: bits per character (per byte for data.unit=byte), the loss / ln 2."]
+    notes = [
+        "",
+        "log's eval loss: the research log's, for runs of its rungs at its settings on tinyshakespeare, measured on "
+        "its random_windows split (see README). bpc: bits per character (per byte for data.unit=byte), the loss / ln 2.",
+    ]
     if tested:
         notes.append("test loss: best.ckpt on the text's last data.test_fraction, after the validation split.")
     if estimated:
@@ -103,14 +111,22 @@ def markdown_table(runs: list[Run]) -> str:
 def budget_table(runs: list[Run]) -> str:
     """The runs trained for a time budget (trainer.max_time), in ladder order: each one's validation loss when
     its time was up and what it gained over the run above it (`python train.py -m experiment=modern_ladder`)."""
-    rows = ["| rung | time budget | steps | val loss at the budget | gain over the rung above |", "|---|---:|---:|---:|---:|"]
+    rows = [
+        "| rung | time budget | steps | val loss at the budget | gain over the rung above |",
+        "|---|---:|---:|---:|---:|",
+    ]
     before = None
     for run in (run for run in runs if run.time_budget is not None):
         final = run.scalars.get("val/loss", [])[-1:] or [(None, None, None)]
         step, _, loss = final[0]
         gain = before - loss if before is not None and loss is not None else None
-        cells = [run.rung, f"{run.time_budget:.0f} s", "-" if step is None else f"{step:,}", _number(loss),
-                 "-" if gain is None else f"{gain:+.4f}"]
+        cells = [
+            run.rung,
+            f"{run.time_budget:.0f} s",
+            "-" if step is None else f"{step:,}",
+            _number(loss),
+            "-" if gain is None else f"{gain:+.4f}",
+        ]
         rows.append("| " + " | ".join(cells) + " |")
         before = loss if loss is not None else before
     return "\n".join(rows) + "\n" if len(rows) > 2 else ""

@@ -16,10 +16,10 @@ from hydra.types import RunMode
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from shakespeare.training.lines import budget_seconds
 from shakespeare.errors import Fault, UsageError
 from shakespeare.model.loading import Unreadable, load_verified
 from shakespeare.run.folders import newest_run, unescaped
+from shakespeare.training.lines import budget_seconds
 
 LAST = "last.ckpt"
 PREVIOUS = "last.prev.ckpt"  # the last.ckpt before the current one, kept in case the current one rots
@@ -206,13 +206,24 @@ def instead(path: Path) -> str:
         return "No other checkpoint of this run can be read either: start the run again."
     other_path, step = other
     overrides = path.parent.parent / ".hydra" / "overrides.yaml"
-    command = resume_command(OmegaConf.load(overrides), other_path) if overrides.is_file() else f"ckpt_path={other_path}"
+    command = (
+        resume_command(OmegaConf.load(overrides), other_path) if overrides.is_file() else f"ckpt_path={other_path}"
+    )
     return f"The newest readable checkpoint of this run is {other_path} (step {step}); resume from it: {command}"
 
 
 # classes that moved since older checkpoints were written: their hyperparameters name them where they were
 MOVED_TARGETS = {"shakespeare.muon.MuonAdamW": "shakespeare.training.muon.MuonAdamW"}
-TRAINING_DATA_KEYS = ("sequence_length", "batch_size", "stride", "split", "val_fraction", "test_fraction", "unit", "seed")
+TRAINING_DATA_KEYS = (
+    "sequence_length",
+    "batch_size",
+    "stride",
+    "split",
+    "val_fraction",
+    "test_fraction",
+    "unit",
+    "seed",
+)
 
 
 def as_dict(node: DictConfig | None) -> dict[str, Any]:

@@ -21,20 +21,18 @@ from hydra.utils import instantiate
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, OmegaConf
 
-from shakespeare.run.composition import CONFIG_DIR, MODEL_BASE, nearest
 from shakespeare.data.datamodule import ShakespeareDataModule
 from shakespeare.errors import UsageError
-from shakespeare.ranges import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, Range, WholeOrFraction, ranges_of
-from shakespeare.model.memory import check_memory
 from shakespeare.model.generator import GeneratorConfig
-from shakespeare.training.module import warmup_cosine
+from shakespeare.model.memory import check_memory
+from shakespeare.ranges import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, Range, WholeOrFraction, ranges_of
+from shakespeare.run.composition import CONFIG_DIR, MODEL_BASE, nearest
 from shakespeare.run.faults import LostRankWatch
-from shakespeare.run.host import set_threads
 from shakespeare.run.folders import run_overrides
+from shakespeare.run.host import set_threads
 from shakespeare.run.schema import check_types, parameters
 from shakespeare.training.lines import budget_seconds
-
-
+from shakespeare.training.module import warmup_cosine
 
 # The keys no class or function of the run is built from, and those that mean more here than in the class
 # they configure; every other key is typed by the parameters of what its node builds (schema.py).
@@ -55,7 +53,9 @@ BUILDERS = {"model": GeneratorConfig, "scheduler": warmup_cosine}  # the nodes w
 NO_LIMIT = ((-1, "no limit"),)
 RANGES = {
     "seed": Range(0, 2**32, high_open=True, means="the seeds NumPy's generator takes"),
-    "checkpoint.every_n_steps": Range(1, means="last.ckpt is rewritten this often: a crash loses at most that many steps"),
+    "checkpoint.every_n_steps": Range(
+        1, means="last.ckpt is rewritten this often: a crash loses at most that many steps"
+    ),
     "host.threads": ranges_of(set_threads)["threads"][0],
     "host.collective_timeout": ranges_of(LostRankWatch)["collective_timeout"][0],
     "trainer.max_epochs": Range(1, also=NO_LIMIT),
@@ -86,7 +86,9 @@ def check_accelerator(name: str) -> None:
     available = [a for a in ("cpu", "cuda", "mps") if AcceleratorRegistry.get(a).is_available()]
     wanted = {"gpu": ["cuda", "mps"]}.get(name, [name])
     if name not in ACCELERATORS:
-        raise UsageError(f"trainer.accelerator={name!r} is not an accelerator; choose one of {', '.join(ACCELERATORS)}.")
+        raise UsageError(
+            f"trainer.accelerator={name!r} is not an accelerator; choose one of {', '.join(ACCELERATORS)}."
+        )
     if name != "auto" and not set(wanted) & set(available):
         raise UsageError(
             f"trainer.accelerator={name} is not available on this machine; available here: "
@@ -115,7 +117,9 @@ def rungs() -> dict[str, GeneratorConfig]:
     """Every rung in conf/model/, in ladder order (each extends the one before)."""
     hydra = GlobalHydra.instance()
     with nullcontext() if hydra.is_initialized() else initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        names = [name for name in GlobalHydra.instance().config_loader().get_group_options("model") if name != MODEL_BASE]
+        names = [
+            name for name in GlobalHydra.instance().config_loader().get_group_options("model") if name != MODEL_BASE
+        ]
         with warnings.catch_warnings():  # a group's file composed on its own: Hydra asks for _self_ in it
             warnings.simplefilter("ignore", UserWarning)
             models = {name: OmegaConf.to_container(compose(f"model/{name}").model) for name in names}
@@ -132,19 +136,38 @@ def ladder_position(rung: str) -> int:
 
 # The ladder, in order: the research log's seven rungs and its scale-up, then the modern rungs. Each is a
 # model config (model=<rung>, extending the one before), an experiment (scale_up) or a rung config (muon).
-LADDER = ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout", "scale_up",
-          "rmsnorm", "rope", "relu2", "qk_norm", "muon"]
+LADDER = [
+    "bigram",
+    "head",
+    "multihead",
+    "multihead_ffn",
+    "block",
+    "block_norm",
+    "block_norm_dropout",
+    "scale_up",
+    "rmsnorm",
+    "rope",
+    "relu2",
+    "qk_norm",
+    "muon",
+]
 
 
 def rung_choice(rung: str) -> tuple[str, Path]:
     """The override that picks a rung of the LADDER (`model=head`, `experiment=scale_up`, `rung=muon`) and its file."""
-    group = next(group for group in ("model", "experiment", "rung") if (Path(CONFIG_DIR) / group / f"{rung}.yaml").is_file())
+    group = next(
+        group for group in ("model", "experiment", "rung") if (Path(CONFIG_DIR) / group / f"{rung}.yaml").is_file()
+    )
     return f"{group}={rung}", Path(CONFIG_DIR) / group / f"{rung}.yaml"
 
 
 def described(path: Path) -> str:
     """What a config adds: its first comment line (Hydra's `# @package` aside)."""
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#") and "@package" not in line]
+    lines = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.startswith("#") and "@package" not in line
+    ]
     return lines[0].lstrip("# ") if lines else ""
 
 
@@ -152,12 +175,16 @@ def group_help() -> str:
     """The config groups and their options for `python train.py --help` (conf/<group>/<option>.yaml; the model
     group's base, and Hydra's own groups, are not choices)."""
     groups = sorted(path for path in Path(CONFIG_DIR).iterdir() if path.is_dir() and path.name != "hydra")
-    return "\n".join(f"{group.name}: {', '.join(sorted(option.stem for option in group.glob('*.yaml')))}" for group in groups)
+    return "\n".join(
+        f"{group.name}: {', '.join(sorted(option.stem for option in group.glob('*.yaml')))}" for group in groups
+    )
 
 
 def rung_help() -> str:
     """The ladder for `python train.py --help`: each rung's number, the override that picks it, what it adds."""
-    return "\n".join(f"  {n:>2}  {rung_choice(rung)[0]:<28}{described(rung_choice(rung)[1])}" for n, rung in enumerate(LADDER, 1))
+    return "\n".join(
+        f"  {n:>2}  {rung_choice(rung)[0]:<28}{described(rung_choice(rung)[1])}" for n, rung in enumerate(LADDER, 1)
+    )
 
 
 def check_rung_settings(model: DictConfig, overrides: list[str]) -> None:
@@ -187,7 +214,9 @@ def check_with_data(cfg: DictConfig, datamodule: ShakespeareDataModule) -> None:
     check_memory(model, batch_size, processes, accelerator, asked=cfg.data.batch_size)
     interval, limit = cfg.trainer.get("val_check_interval"), cfg.trainer.get("limit_train_batches")
     batches = math.ceil(len(datamodule.train_windows) / batch_size)
-    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit) if isinstance(limit, float) else batches
+    batches = (
+        min(batches, limit) if isinstance(limit, int) else int(batches * limit) if isinstance(limit, float) else batches
+    )
     if isinstance(interval, int) and cfg.trainer.get("check_val_every_n_epoch") is not None and interval > batches:
         raise UsageError(
             f"trainer.val_check_interval={interval} is more steps than an epoch has ({batches} batches of "

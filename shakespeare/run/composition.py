@@ -32,7 +32,9 @@ def register_model_base() -> None:
     """Every model setting at its GeneratorConfig default, as the config node `model/defaults` that conf/model/'s
     rungs extend, so each rung's file names only what it changes and the defaults live in one place."""
     settings = {f.name: f.default for f in fields(GeneratorConfig) if f.default is not MISSING}
-    ConfigStore.instance().store(group="model", name=MODEL_BASE, node={**settings, "sequence_length": "${data.sequence_length}"})
+    ConfigStore.instance().store(
+        group="model", name=MODEL_BASE, node={**settings, "sequence_length": "${data.sequence_length}"}
+    )
 
 
 register_model_base()
@@ -81,15 +83,19 @@ def unknown_key(key: str, config_name: str, script: str) -> str:
     except Exception:  # the config cannot be composed even without the overrides: no guess
         guess = None
     mean = f" Did you mean {guess}?" if guess else ""
-    return (f"{key} is not a setting of {script}.{mean} `python {script} --cfg job` lists every key (+{key}=... would "
-            "add it as a new key that nothing reads).")
+    return (
+        f"{key} is not a setting of {script}.{mean} `python {script} --cfg job` lists every key (+{key}=... would "
+        "add it as a new key that nothing reads)."
+    )
 
 
 def explain(err: Exception, config_name: str, script: str) -> str:
     """One paragraph for an error Hydra raised while composing `config_name`."""
     if isinstance(err, OverrideParseException):
-        return (f"{err.override!r} is not an override {script} can read ({err.message.splitlines()[0]}). Write "
-                "key=value, and quote a value with spaces or special characters, e.g. 'prompt=\"ROMEO: hi\"'.")
+        return (
+            f"{err.override!r} is not an override {script} can read ({err.message.splitlines()[0]}). Write "
+            "key=value, and quote a value with spaces or special characters, e.g. 'prompt=\"ROMEO: hi\"'."
+        )
     if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file and "/" in err.missing_cfg_file:
         group, option = err.missing_cfg_file.rsplit("/", 1)
         guess = nearest(option, err.options)
@@ -98,7 +104,9 @@ def explain(err: Exception, config_name: str, script: str) -> str:
     cause = err.__cause__
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
         return unknown_key(cause.full_key, config_name, script)
-    return " ".join(line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("Config search path"))
+    return " ".join(
+        line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("Config search path")
+    )
 
 
 @contextmanager

@@ -16,10 +16,11 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any
 
 import lightning as L
 import torch
@@ -30,18 +31,18 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig
 
-from shakespeare.training.lines import ResearchLog
-from shakespeare.run.checkpoints import AUTO, LAST, CheckpointWriteError, find_run, resume_command
-from shakespeare.run.folders import run_overrides
 from shakespeare.errors import Fault, Interrupted, UsageError, speaks
-from shakespeare.ranges import ABOVE_0
 from shakespeare.internals import (
     cluster_environment,
     delay_child_observer,
-    set_collective_timeout,
     reruns_the_command,
+    set_collective_timeout,
     stop_after_this_step,
 )
+from shakespeare.ranges import ABOVE_0
+from shakespeare.run.checkpoints import AUTO, LAST, CheckpointWriteError, find_run, resume_command
+from shakespeare.run.folders import run_overrides
+from shakespeare.training.lines import ResearchLog
 
 log = logging.getLogger("shakespeare")
 
@@ -108,7 +109,9 @@ class InterruptCheckpoint(Checkpoint):
     def _on_signal(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, self._previous_sigint)
-            rank_zero_info("\nCtrl-C: saving a checkpoint after this step (press Ctrl-C again to quit without saving) ...")
+            rank_zero_info(
+                "\nCtrl-C: saving a checkpoint after this step (press Ctrl-C again to quit without saving) ..."
+            )
         if self._received:
             return
         self._received = STOP_SIGNALS.index(signum) + 1
@@ -130,8 +133,9 @@ class InterruptCheckpoint(Checkpoint):
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         self._agree(trainer)
 
-    def on_validation_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if not trainer.sanity_checking:
             self._agree(trainer)
 
@@ -179,15 +183,27 @@ def heartbeat_key(rank: int) -> str:
 
 def connect_store(timeout: float) -> dist.TCPStore:
     """A connection of our own to the store the processes met at (rank 0's, or torchrun's agent's)."""
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timedelta(seconds=timeout), wait_for_workers=False)
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timedelta(seconds=timeout),
+        wait_for_workers=False,
+    )
 
 
 def lost_contact(err: BaseException) -> bool:
     """Whether `err` is a collective that failed because another process is gone or silent."""
     text = str(err)
-    signs = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting", "timeout caused pair closure",
-             "Broken pipe", "Socket Timeout", "Watchdog caught collective operation timeout")
+    signs = (
+        "Connection reset by peer",
+        "Connection closed by peer",
+        "Timed out waiting",
+        "timeout caused pair closure",
+        "Broken pipe",
+        "Socket Timeout",
+        "Watchdog caught collective operation timeout",
+    )
     return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and any(s in text for s in signs))
 
 
@@ -253,8 +269,11 @@ class LostRankWatch(L.Callback):
             lost, self.alive_but_silent = [1 - rank], True
         self.lost = lost
         self.speaker = rank == min(set(range(world_size)) - set(lost))
-        self.error = "its connection closed" if "peer" in str(exception) or "Broken pipe" in str(exception) else (
-            f"no answer within host.collective_timeout={self.collective_timeout:g}s")
+        self.error = (
+            "its connection closed"
+            if "peer" in str(exception) or "Broken pipe" in str(exception)
+            else (f"no answer within host.collective_timeout={self.collective_timeout:g}s")
+        )
 
 
 def find(trainer: L.Trainer, kind: type) -> Any:
@@ -306,8 +325,10 @@ def requeue_slurm_job(cfg: DictConfig, run: Path) -> str:
     except FileNotFoundError:
         return f"Could not requeue SLURM job {job}: scontrol is not on PATH. Resubmit the job to continue this run."
     if result.returncode != 0:
-        return (f"Could not requeue SLURM job {job} (scontrol requeue {job}: {result.stderr.strip() or result.returncode}). "
-                "Resubmit the job to continue this run.")
+        return (
+            f"Could not requeue SLURM job {job} (scontrol requeue {job}: {result.stderr.strip() or result.returncode}). "
+            "Resubmit the job to continue this run."
+        )
     return f"Requeued SLURM job {job} (scontrol requeue {job}): when it starts again it continues this run folder."
 
 
@@ -342,8 +363,10 @@ def lost_rank(trainer: L.Trainer, cfg: DictConfig, watch: LostRankWatch) -> Faul
     ranks = ", ".join(map(str, watch.lost))
     lost = f"rank {ranks}" if len(watch.lost) == 1 else f"ranks {ranks}"
     what = "is alive but stuck" if watch.alive_but_silent else "died or stopped answering"
-    message = (f"Lost {lost} of {trainer.world_size}: its process {what} ({watch.error}), so the run stopped at "
-               f"step {trainer.global_step} instead of waiting for it.")
+    message = (
+        f"Lost {lost} of {trainer.world_size}: its process {what} ({watch.error}), so the run stopped at "
+        f"step {trainer.global_step} instead of waiting for it."
+    )
     if watch.speaker:  # the others stay quiet: no need to read the checkpoint
         saved = kept(cfg)
         message += f" {saved[0].upper()}{saved[1:]}: only the steps after it are lost. {resume_hint(cfg, Path(cfg.paths.output_dir))}"
@@ -355,8 +378,10 @@ def unwritable(cfg: DictConfig, err: CheckpointWriteError) -> Fault:
     if not (run / "checkpoints" / LAST).is_file():
         return Fault(f"{err} Start the run again once there is space.")
     saved = kept(cfg)
-    return Fault(f"{err} {saved[0].upper()}{saved[1:]}: only the steps after it are lost. "
-                 f"{resume_hint(cfg, run, 'Once there is space again, resume')}")
+    return Fault(
+        f"{err} {saved[0].upper()}{saved[1:]}: only the steps after it are lost. "
+        f"{resume_hint(cfg, run, 'Once there is space again, resume')}"
+    )
 
 
 def restarts_share_the_store() -> bool:
@@ -384,8 +409,11 @@ def explained(trainer: L.Trainer, cfg: DictConfig) -> Iterator[None]:
     """Around `trainer.fit`: a run stopped by a signal, a lost process or a checkpoint that could not be
     written ends in an Interrupted or Fault naming what happened, what was kept and how to go on."""
     if restarts_share_the_store() and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and speaks(UsageError()):
-        log.warning("torchrun --max-restarts: set %s in torchrun's environment, or a restart may fail to connect "
-                    "(its processes can read the addresses of the ones that died: pytorch#135712).", SHARED_STORE_FIX)
+        log.warning(
+            "torchrun --max-restarts: set %s in torchrun's environment, or a restart may fail to connect "
+            "(its processes can read the addresses of the ones that died: pytorch#135712).",
+            SHARED_STORE_FIX,
+        )
     try:
         yield
     except SystemExit:  # SIGTERM (Lightning's SIGTERMException) or a second Ctrl-C (Lightning's exit)

@@ -25,7 +25,7 @@ def folder_name(text: str) -> str:
     `max_time-00_00_30`). TensorBoard names runs by these folders, and refuses a backslash in a name."""
     name = UNSAFE.sub("_", re.sub(r"\\(.)", r"\1", text).translate(str.maketrans("", "", "'\"[]{}"))).strip("_")
     if len(name) > LONGEST:
-        name = f"{name[:LONGEST - 9]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+        name = f"{name[: LONGEST - 9]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     return name or "run"
 
 
@@ -38,7 +38,10 @@ def shown(path: str | Path) -> str:
 def next_steps(folder: str | Path, sweep: bool = False) -> str:
     """Where a finished run (or sweep) is, and the commands that read it, each ready to paste."""
     where = shown(folder)
-    report, board = shlex.join(["python", "-m", "shakespeare.report", where]), shlex.join(["tensorboard", "--logdir", where])
+    report, board = (
+        shlex.join(["python", "-m", "shakespeare.report", where]),
+        shlex.join(["tensorboard", "--logdir", where]),
+    )
     if sweep:
         return f"Sweep folder: {where}\n  {report}\n  {board}"
     write = shlex.join(["python", "generate.py", f"ckpt_path={where}"])

@@ -59,7 +59,10 @@ def auto_threads() -> tuple[int, str]:
     if busy is None:
         return total, f"{total} cores"
     free = max(1, min(total, round(total - busy)))
-    return free, f"{total} cores, {busy:.1f} of them busy with other work" if busy >= 0.5 else f"{total} cores, all free"
+    return (
+        free,
+        f"{total} cores, {busy:.1f} of them busy with other work" if busy >= 0.5 else f"{total} cores, all free",
+    )
 
 
 def set_threads(threads: Annotated[int, AT_LEAST_1] | Literal["auto"] | None) -> None:

@@ -26,7 +26,9 @@ def resumed_run(ckpt_path: str | None, log_dir: str) -> Path | None:
 def register() -> None:
     resolvers = {
         "run_dir": lambda ckpt_path, log_dir, new: str(resumed_run(ckpt_path, log_dir) or new),
-        "hydra_subdir": lambda ckpt_path, log_dir, now: f".hydra/resumed-{now}" if resumed_run(ckpt_path, log_dir) else ".hydra",
+        "hydra_subdir": lambda ckpt_path, log_dir, now: (
+            f".hydra/resumed-{now}" if resumed_run(ckpt_path, log_dir) else ".hydra"
+        ),
         "folder_name": folder_name,  # sweep jobs' and runs' folders: they paste back unquoted
         "typed_overrides": lambda overrides: [unescaped(str(o)) for o in overrides],  # the research log's command
         "rung_help": rung_help,  # python train.py --help

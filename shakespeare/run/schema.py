@@ -22,9 +22,9 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from shakespeare.run.composition import nearest
 from shakespeare.errors import UsageError
 from shakespeare.ranges import Rule, check_range, ranges_of
+from shakespeare.run.composition import nearest
 
 # what a YAML value can be; other classes in a signature (Tensor, Accelerator, timedelta) are for Python callers
 PLAIN = (type(None), bool, int, float, str, list, tuple, dict)
@@ -97,7 +97,11 @@ def describe(kind: Any) -> str:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (Union, types.UnionType):
         choices = [str(a) for arg in args if typing.get_origin(arg) is Literal for a in typing.get_args(arg)]
-        words = list(dict.fromkeys(choices + [describe(arg) for arg in args if configurable(arg) and typing.get_origin(arg) is not Literal]))
+        words = list(
+            dict.fromkeys(
+                choices + [describe(arg) for arg in args if configurable(arg) and typing.get_origin(arg) is not Literal]
+            )
+        )
         return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
     if origin is Literal:
         return "one of " + ", ".join(dict.fromkeys(str(arg) for arg in args))
@@ -161,8 +165,9 @@ def leaves(node: dict, prefix: str, table: Mapping[str, Any], builders: Mapping[
             yield Leaf(f"{prefix}{key}", value, kind, owner, taken.defaults.get(key), rule, whole)
 
 
-def described(values: dict, table: Mapping[str, Any], ranges: Mapping[str, Rule] = {},
-              builders: Mapping[str, Callable] = {}) -> list[Leaf]:
+def described(
+    values: dict, table: Mapping[str, Any], ranges: Mapping[str, Rule] = {}, builders: Mapping[str, Callable] = {}
+) -> list[Leaf]:
     """Every leaf of the resolved config `values` with its type and range: the tables' first (a bad
     paths.cache_dir is named as such, not as data.cache_dir that interpolates it), then the builders'."""
     found = []
@@ -175,8 +180,9 @@ def described(values: dict, table: Mapping[str, Any], ranges: Mapping[str, Rule]
     return sorted(found, key=lambda leaf: leaf.key not in table and leaf.key not in ranges)
 
 
-def check_types(cfg: DictConfig, table: Mapping[str, Any], ranges: Mapping[str, Rule] = {},
-                builders: Mapping[str, Callable] = {}) -> None:
+def check_types(
+    cfg: DictConfig, table: Mapping[str, Any], ranges: Mapping[str, Rule] = {}, builders: Mapping[str, Callable] = {}
+) -> None:
     """Raise UsageError for the first key of `cfg` (Hydra's own `hydra` node aside) whose value has the wrong
     type or a meaningless value, or that nothing takes (see `check_values`)."""
     try:
@@ -186,8 +192,9 @@ def check_types(cfg: DictConfig, table: Mapping[str, Any], ranges: Mapping[str, 
     check_values(values, table, ranges, builders)
 
 
-def check_values(values: dict, table: Mapping[str, Any], ranges: Mapping[str, Rule] = {},
-                 builders: Mapping[str, Callable] = {}) -> None:
+def check_values(
+    values: dict, table: Mapping[str, Any], ranges: Mapping[str, Rule] = {}, builders: Mapping[str, Callable] = {}
+) -> None:
     """Raise UsageError for the first key of the resolved config `values` whose value has the wrong type, lies
     outside its range, or that nothing takes: typed by `table` (key -> type) and ranged by `ranges` (key -> Range)
     first, then by the parameters of what builds its node (its `_target_`, or `builders`: node -> class or
@@ -196,7 +203,11 @@ def check_values(values: dict, table: Mapping[str, Any], ranges: Mapping[str, Ru
     for leaf in found:
         key, value, kind, owner, default = leaf.key, leaf.value, leaf.kind, leaf.owner, leaf.default
         if kind is None or kind is NOT_TAKEN:
-            siblings = [other.key for other in found if other.key.rpartition(".")[0] == key.rpartition(".")[0] and other.key != key]
+            siblings = [
+                other.key
+                for other in found
+                if other.key.rpartition(".")[0] == key.rpartition(".")[0] and other.key != key
+            ]
             guess = nearest(key, siblings)
             raise UsageError(
                 f"{key} is not a setting of {owner or 'this project'}.{f' Did you mean {guess}?' if guess else ''} "
@@ -205,8 +216,11 @@ def check_values(values: dict, table: Mapping[str, Any], ranges: Mapping[str, Ru
             )
         if not conforms(value, kind):
             example = f", e.g. {key}={default}" if default is not None and conforms(default, kind) else ""
-            quote = " (Hydra reads 8 as a number and true as a boolean: quote text, key='\"8\"')" if (
-                conforms("text", kind) and not isinstance(value, (str, list, dict))) else ""
+            quote = (
+                " (Hydra reads 8 as a number and true as a boolean: quote text, key='\"8\"')"
+                if (conforms("text", kind) and not isinstance(value, (str, list, dict)))
+                else ""
+            )
             by = f" (a parameter of {owner})" if owner else ""
             raise UsageError(f"{key}={value!r} is refused: {key}{by} takes {describe(kind)}{example}.{quote}")
         if leaf.rule is not None:

@@ -47,8 +47,9 @@ class GenerationSample(L.Callback):
     seed every time, so the samples differ only by what the model learned.
     """
 
-    def __init__(self, max_new_tokens: NewTokens = 200, temperature: Temperature = 1.0, top_k: TopK | None = None,
-                 seed: Seed = 0):
+    def __init__(
+        self, max_new_tokens: NewTokens = 200, temperature: Temperature = 1.0, top_k: TopK | None = None, seed: Seed = 0
+    ):
         check_options(max_new_tokens, temperature, top_k, num_samples=1)
         self.max_new_tokens, self.temperature, self.top_k, self.seed = max_new_tokens, temperature, top_k, seed
         self.text: str | None = None
@@ -116,7 +117,9 @@ class Inspection(L.Callback):
         for writer in self.writers(trainer):
             writer.add_custom_scalars({"loss by position": chart})
 
-    def on_validation_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if self.passage is None and batch_idx == 0:
             self.passage = held_out_passage(batch[0], module.tokenizer)
 

@@ -167,7 +167,9 @@ def plot_loss_by_position(ax, curves: list[tuple[str, list[float]]]) -> None:
 
     for label, values in curves:
         ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
-    ax.set(xlabel="position in the window (characters of context)", ylabel="eval loss", title="Validation loss by position")
+    ax.set(
+        xlabel="position in the window (characters of context)", ylabel="eval loss", title="Validation loss by position"
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if len(curves) > 1:

@@ -67,7 +67,9 @@ def budget_seconds(max_time: object) -> float | None:
     if max_time is None:
         return None
     try:
-        seconds = Timer(OmegaConf.to_container(max_time) if OmegaConf.is_config(max_time) else max_time).time_remaining()
+        seconds = Timer(
+            OmegaConf.to_container(max_time) if OmegaConf.is_config(max_time) else max_time
+        ).time_remaining()
     except (MisconfigurationException, TypeError, ValueError, AttributeError):
         seconds = None
     if seconds is None or seconds <= 0:
@@ -80,8 +82,11 @@ def budget_seconds(max_time: object) -> float | None:
 
 def by_epoch(trainer: L.Trainer) -> bool:
     """Whether the run counts epochs and validates at their ends (the log's runs), rather than every so many steps."""
-    return (trainer.max_epochs not in (None, -1) and trainer.check_val_every_n_epoch is not None
-            and trainer.val_check_batch >= trainer.num_training_batches)
+    return (
+        trainer.max_epochs not in (None, -1)
+        and trainer.check_val_every_n_epoch is not None
+        and trainer.val_check_batch >= trainer.num_training_batches
+    )
 
 
 def progress(trainer: L.Trainer) -> str:
@@ -124,7 +129,11 @@ class EpochLine(L.Callback):
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         now = time.perf_counter()
         self._session_start, self._elapsed_before = now, self.elapsed
-        self._start, self._val_seconds, self._tokens = now - self._carried["seconds"], self._carried["val_seconds"], self._carried["tokens"]
+        self._start, self._val_seconds, self._tokens = (
+            now - self._carried["seconds"],
+            self._carried["val_seconds"],
+            self._carried["tokens"],
+        )
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         self._tokens += batch[0].numel()  # an attribute read: no device sync
@@ -149,7 +158,9 @@ class EpochLine(L.Callback):
         self.tokens_per_second = self._tokens * trainer.world_size / max(seconds - self._val_seconds, 1e-9)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics({TOKENS_PER_SECOND: self.tokens_per_second, ELAPSED: self.elapsed}, step=trainer.global_step)
+                logger.log_metrics(
+                    {TOKENS_PER_SECOND: self.tokens_per_second, ELAPSED: self.elapsed}, step=trainer.global_step
+                )
             self.emit(trainer, epoch_line(progress(trainer), seconds, module.train_loss_mean, val, best))
         self._start, self._val_seconds, self._tokens = now, 0.0, 0
 
@@ -197,8 +208,10 @@ class ResearchLog(L.Callback):
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         epoch_line = next((c for c in trainer.callbacks if isinstance(c, EpochLine)), None)
         if epoch_line is None:
-            raise UsageError("callbacks.research_log writes the epoch line's lines, but callbacks.epoch_line is gone. "
-                             "Keep callbacks.epoch_line, or remove callbacks.research_log too.")
+            raise UsageError(
+                "callbacks.research_log writes the epoch line's lines, but callbacks.epoch_line is gone. "
+                "Keep callbacks.epoch_line, or remove callbacks.research_log too."
+            )
         if self.add_line not in epoch_line.readers:
             epoch_line.readers.append(self.add_line)
         self._epoch_line = epoch_line
@@ -228,7 +241,9 @@ class ResearchLog(L.Callback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(self.render(), encoding="utf-8")
             os.replace(partial, self.path)  # readers never see a half-written entry
-        except OSError as err:  # a full disk: the entry from before stays, training goes on (or stops for its own reason)
+        except (
+            OSError
+        ) as err:  # a full disk: the entry from before stays, training goes on (or stops for its own reason)
             partial.unlink(missing_ok=True)
             log.warning("Could not update %s: %s", self.path, err)
 
@@ -245,8 +260,10 @@ class ResearchLog(L.Callback):
         if math.isfinite(self.best):
             text += f"\nBest eval loss: {self.best:.4f} ({self.best / math.log(2):.4f} bits per character)\n"
         if self.test_loss is not None:
-            text += (f"Test loss: {self.test_loss:.4f} ({self.test_loss / math.log(2):.4f} bits per character; "
-                     "checkpoints/best.ckpt on the test split)\n")
+            text += (
+                f"Test loss: {self.test_loss:.4f} ({self.test_loss / math.log(2):.4f} bits per character; "
+                "checkpoints/best.ckpt on the test split)\n"
+            )
         if self.sample:
             text += f"\nGeneration:\n{fence}\n---------- Predict from empty input:\n{self.sample}\n{fence}\n"
         return text
@@ -274,7 +291,9 @@ class ResearchLog(L.Callback):
         self.title = f"{model.get('name', type(module.model).__name__)}, {time.strftime('%Y-%m-%d %H:%M')}"
         self.config = "Config(" + ", ".join(f"{key}={value}" for key, value in settings.items()) + ")"
         optimizers = "\n".join(repr(optimizer) for optimizer in trainer.optimizers)
-        self.learner = f"{type(module).__name__}(\nmodel={module.model}\noptimizer={optimizers}\ncriterion=CrossEntropyLoss())"
+        self.learner = (
+            f"{type(module).__name__}(\nmodel={module.model}\noptimizer={optimizers}\ncriterion=CrossEntropyLoss())"
+        )
         self.parameters = sum(p.numel() for p in module.parameters())
         self.mark("running")
 

@@ -13,11 +13,10 @@ from lightning.pytorch.callbacks import Timer
 from torchmetrics import MeanMetric
 
 from shakespeare.errors import UsageError
-from shakespeare.ranges import AT_LEAST_0, FRACTION, check_arguments
-from shakespeare.training.inspection import LOSS_BY_POSITION, LossByPosition, position_tags
 from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
+from shakespeare.ranges import AT_LEAST_0, FRACTION, check_arguments
 from shakespeare.tokenizer import tokenizer_for
-
+from shakespeare.training.inspection import LOSS_BY_POSITION, LossByPosition, position_tags
 
 BEST_VAL_LOSS = "hp/best_val_loss"  # the metric TensorBoard's HParams tab sets the hyperparameters against
 TRAIN_LOSS = "train/loss"  # the mean training loss of each line: an epoch, or the steps between validations
@@ -159,12 +158,19 @@ def scheduled_factor(step: int, total_steps: float, timer: Timer | None, setting
 def check_scheduler(scheduler: dict) -> None:
     """Refuse scheduler settings `warmup_cosine` cannot follow, naming the key."""
     if unknown := set(scheduler) - {"warmup_steps", "min_lr_factor"}:
-        raise UsageError(f"scheduler.{sorted(unknown)[0]} is not a setting; warmup_cosine takes warmup_steps and min_lr_factor.")
+        raise UsageError(
+            f"scheduler.{sorted(unknown)[0]} is not a setting; warmup_cosine takes warmup_steps and min_lr_factor."
+        )
     check_arguments(warmup_cosine, scheduler, "scheduler")
 
 
-def warmup_cosine(step: int, total_steps: float, warmup_steps: Annotated[int, AT_LEAST_0],
-                  min_lr_factor: Annotated[float, FRACTION], time_spent: float = 0.0) -> float:
+def warmup_cosine(
+    step: int,
+    total_steps: float,
+    warmup_steps: Annotated[int, AT_LEAST_0],
+    min_lr_factor: Annotated[float, FRACTION],
+    time_spent: float = 0.0,
+) -> float:
     """The learning rate's factor at `step`: linear warm-up, then cosine decay to `min_lr_factor` at the end of
     the budget: the last step, or the end of trainer.max_time (`time_spent`: the fraction of it used),
     whichever comes first, so a run stopped by either ends annealed (a budget spent during the warm-up too)."""

@@ -21,7 +21,9 @@ from shakespeare.ranges import ABOVE_0, AT_LEAST_0, AT_LEAST_1, Range
 BFLOAT16_NEWTON_SCHULZ = internals.torch_newton_schulz()
 
 
-def newton_schulz(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float) -> torch.Tensor:
+def newton_schulz(
+    grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float
+) -> torch.Tensor:
     """torch.optim.Muon's orthogonalisation, in float32 on CPUs: its bfloat16 matmuls are 15-20x slower than
     float32 ones on CPUs without AMX (measured on a 2-core AVX-512 machine), which made a Muon step cost
     more than the model's. Other devices keep torch's bfloat16 iteration."""
@@ -66,8 +68,13 @@ class MuonAdamW(torch.optim.Optimizer):
         self.parts: dict[str, torch.optim.Optimizer] = {}
         if matrices:
             self.parts["muon"] = torch.optim.Muon(
-                matrices, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                matrices,
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                nesterov=nesterov,
+                ns_steps=ns_steps,
+                adjust_lr_fn=adjust_lr_fn,
             )
         if rest:
             self.parts["adamw"] = torch.optim.AdamW(rest, **dict(adamw or {}))
