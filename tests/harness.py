@@ -18,9 +18,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import shakespeare.cli.train  # noqa: F401  (registers the resolvers train.py's config uses, as train.py does)
+from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
 from shakespeare.run.composition import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,3 +188,18 @@ def tensorboard(logdir: Path, ready_tag: str = "val/loss"):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+ROTARY_RUNGS = [
+    ("rope", []),
+    ("qk_norm", []),
+    ("qk_norm", ["model.norm=layer", "model.num_blocks=3", "model.feed_forward_size=64"]),  # cpu_speedrun's parts
+]
+
+
+def rotary_model(rung: str, overrides: list[str], tmp_path, sequence_length: int = 8) -> ShakespeareGenerator:
+    cfg = compose_train(tmp_path, [f"model={rung}", f"data.sequence_length={sequence_length}", *overrides])
+    torch.manual_seed(0)
+    return ShakespeareGenerator(
+        GeneratorConfig(vocab_size=66, **OmegaConf.to_container(cfg.model, resolve=True))
+    ).eval()

@@ -16,7 +16,7 @@ from shakespeare.model.sampling import (
 )
 from shakespeare.model.sliding_window import SlidingWindow
 from shakespeare.tokenizer import PAD, CharTokenizer
-from tests.harness import compose_train
+from tests.harness import ROTARY_RUNGS, compose_train, rotary_model
 
 TOKENIZER = CharTokenizer.from_text("ROMEO:\nJULIET: the king my lord, good sweet love!")
 
@@ -155,21 +155,6 @@ def test_next_character_is_the_models_last_position_in_fewer_steps(rung, overrid
     for length in (1, T // 2, T):
         idx = torch.randint(1, 66, (3, length))
         torch.testing.assert_close(next_character(idx), model(idx)[:, -1], atol=1e-5, rtol=1e-5)
-
-
-ROTARY_RUNGS = [
-    ("rope", []),
-    ("qk_norm", []),
-    ("qk_norm", ["model.norm=layer", "model.num_blocks=3", "model.feed_forward_size=64"]),  # cpu_speedrun's parts
-]
-
-
-def rotary_model(rung: str, overrides: list[str], tmp_path, sequence_length: int = 8) -> ShakespeareGenerator:
-    cfg = compose_train(tmp_path, [f"model={rung}", f"data.sequence_length={sequence_length}", *overrides])
-    torch.manual_seed(0)
-    return ShakespeareGenerator(
-        GeneratorConfig(vocab_size=66, **OmegaConf.to_container(cfg.model, resolve=True))
-    ).eval()
 
 
 def sliding_window_reference(model: ShakespeareGenerator, idx: torch.Tensor) -> torch.Tensor:
