@@ -1,0 +1,1 @@
+"""Scoring a model on a held-out text: static and adaptive (prequential) code lengths, and real compression."""
