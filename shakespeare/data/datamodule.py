@@ -61,6 +61,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.save_hyperparameters(logger=False)  # the run logs its curated hyperparameters itself
         self.cache: TokenCache | None = None
         self._tokenizer: Tokenizer | None = None
+        self.cuts: tuple[int, int] | None = None  # (val_cut, test_cut): where validation and test text begin
         self.train_windows = self.val_windows = self.test_windows = None
 
     def load_tokens(self) -> TokenCache:
@@ -100,6 +101,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         n = bounds[-1]
         test_chars, val_chars = int(n * (hp.test_fraction or 0)), int(n * hp.val_fraction)
         val_cut, test_cut = n - test_chars - val_chars, n - test_chars
+        self.cuts = val_cut, test_cut  # the held-out texts' tokens, for whatever measures them (yardsticks)
         held_out_stride = hp.val_stride or hp.stride  # = T: every held-out character predicted once, T x cheaper
         if hp.split == "random_windows":  # the log's way: validation windows overlap training ones
             starts = Windows.spanning(bounds, 0, test_cut, T, hp.stride).all()
