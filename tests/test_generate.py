@@ -264,7 +264,7 @@ def test_ckpt_path_last_writes_with_the_newest_runs_best_checkpoint(run, tmp_pat
         shutil.copy(run.best, best)
         os.utime(best, (when, when))
     newest = outputs / "multiruns/2026-01-02/09-00-00-000000/0_new/checkpoints/best.ckpt"
-    from shakespeare.cli.generate import checkpoint_of
+    from shakespeare.run.folders import checkpoint_of
 
     assert checkpoint_of("last", outputs) == newest
     assert (

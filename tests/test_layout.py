@@ -28,6 +28,7 @@ FLOORS = {
     "model": 2,
     "data": 2,
     "training": 3,
+    "evaluation": 3,
     "run": 4,
     "cli": 5,
     "report": 5,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Literal, TextIO
 
 import hydra
@@ -16,24 +15,16 @@ import torch
 from omegaconf import DictConfig
 
 from shakespeare.errors import UsageError
-from shakespeare.model.loading import BEST, EXAMPLE, load_generator
+from shakespeare.model.loading import load_generator
 from shakespeare.model.sampling import ON_UNKNOWN, Seed, check_options, stream
 from shakespeare.ranges import ranges_of, rule_of
 from shakespeare.run.composition import CONFIG_DIR, explained_composition
-from shakespeare.run.folders import newest_run
-from shakespeare.run.host import set_threads
+from shakespeare.run.folders import checkpoint_of
+from shakespeare.run.host import check_device, set_threads
 from shakespeare.run.schema import check_types, parameters
 from shakespeare.tokenizer import printable
 
 log = logging.getLogger("shakespeare")
-
-
-def check_device(name: str) -> torch.device:
-    """The torch device to generate on, refused with the available ones when this machine lacks it."""
-    available = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
-    if str(name).split(":")[0] not in available:
-        raise UsageError(f"device={name!r} is not available on this machine; available here: {', '.join(available)}.")
-    return torch.device(name)
 
 
 # conf/generate.yaml's keys, their types and their ranges, checked before anything is read: the sampling
@@ -55,20 +46,6 @@ RANGES = {
     "seed": rule_of(Seed),
     "threads": ranges_of(set_threads)["threads"][0],
 }
-
-
-def checkpoint_of(ckpt_path: str, log_dir: str) -> str | Path:
-    """What `ckpt_path` names: a checkpoint or run folder as given; `last`: the best.ckpt of the newest run under
-    `log_dir` (a run, or a sweep's job)."""
-    if ckpt_path != "last":
-        return ckpt_path
-    run = newest_run(log_dir, BEST.name)
-    if run is None:
-        raise UsageError(
-            f"ckpt_path=last found no run to write with: no {Path(log_dir) / '<date>/<time>_<rung>'}/{BEST}. "
-            f"Train one first (python train.py), or pass a run folder or a checkpoint such as {EXAMPLE}."
-        )
-    return run / BEST
 
 
 def write_samples(cfg: DictConfig, out: TextIO = sys.stdout) -> list[str]:

@@ -13,6 +13,9 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from shakespeare.errors import UsageError
+from shakespeare.model.loading import BEST, EXAMPLE
+
 RUNS = ("*/*/checkpoints", "multiruns/*/*/*/checkpoints")  # outputs/<date>/<time>_<rung>, and a sweep's jobs
 UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")  # what a shell or Hydra's override grammar reads as syntax
 LONGEST = 200  # characters of a folder name; longer ones are cut and end in a hash of the whole
@@ -101,3 +104,17 @@ def discard_refused_run(output_dir: str | Path, record: str | None, log_dir: str
 def run_overrides() -> list[str]:
     """The command-line overrides of this run (empty outside Hydra, e.g. in tests composing configs)."""
     return [unescaped(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
+
+
+def checkpoint_of(ckpt_path: str, log_dir: str) -> str | Path:
+    """What `ckpt_path` names: a checkpoint or run folder as given; `last`: the best.ckpt of the newest run under
+    `log_dir` (a run, or a sweep's job)."""
+    if ckpt_path != "last":
+        return ckpt_path
+    run = newest_run(log_dir, BEST.name)
+    if run is None:
+        raise UsageError(
+            f"ckpt_path=last found no run to write with: no {Path(log_dir) / '<date>/<time>_<rung>'}/{BEST}. "
+            f"Train one first (python train.py), or pass a run folder or a checkpoint such as {EXAMPLE}."
+        )
+    return run / BEST

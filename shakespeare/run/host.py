@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 
 import torch
 
+from shakespeare.errors import UsageError
 from shakespeare.ranges import AT_LEAST_1
 
 log = logging.getLogger("shakespeare")
@@ -83,6 +84,14 @@ def set_threads(threads: Annotated[int, AT_LEAST_1] | Literal["auto"] | None) ->
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # for the processes this one starts, e.g. trainer=ddp_spawn's
     log.info("torch threads=%d%s", threads, why)
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device to generate or evaluate on, refused with the available ones when this machine lacks it."""
+    available = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
+    if str(name).split(":")[0] not in available:
+        raise UsageError(f"device={name!r} is not available on this machine; available here: {', '.join(available)}.")
+    return torch.device(name)
 
 
 def keep_freed_memory() -> bool:

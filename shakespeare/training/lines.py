@@ -29,6 +29,7 @@ log = logging.getLogger("shakespeare")
 TOKENS_PER_SECOND = "throughput/tokens_per_sec"
 ELAPSED = "time/elapsed"  # seconds of training so far, over every session of a resumed run
 STATUSES = ("running", "finished", "interrupted", "failed")
+EVALUATION = "\n## Evaluation\n"  # evaluate.py's section of research_log.md
 
 
 def console(trainer: L.Trainer, line: str) -> None:
@@ -239,13 +240,21 @@ class ResearchLog(L.Callback):
         partial = self.path.with_name(self.path.name + ".part")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(self.render(), encoding="utf-8")
+            partial.write_text(self.render() + self.kept_sections(), encoding="utf-8")
             os.replace(partial, self.path)  # readers never see a half-written entry
         except (
             OSError
         ) as err:  # a full disk: the entry from before stays, training goes on (or stops for its own reason)
             partial.unlink(missing_ok=True)
             log.warning("Could not update %s: %s", self.path, err)
+
+    def kept_sections(self) -> str:
+        """What evaluate.py wrote into the file (its Evaluation section): a resumed run keeps it."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except OSError:
+            return ""
+        return text[text.index(EVALUATION) :] if EVALUATION in text else ""
 
     def render(self) -> str:
         status = f"{self.status} ({self.note})" if self.note else self.status
