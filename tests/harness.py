@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import shakespeare.cli.train  # noqa: F401  (registers the resolvers train.py's config uses, as train.py does)
+from shakespeare.cli.train import fit
 from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
 from shakespeare.run.composition import CONFIG_DIR
 
@@ -203,3 +204,14 @@ def rotary_model(rung: str, overrides: list[str], tmp_path, sequence_length: int
     return ShakespeareGenerator(
         GeneratorConfig(vocab_size=66, **OmegaConf.to_container(cfg.model, resolve=True))
     ).eval()
+
+
+def train_like_hydra(run: Path, overrides: list[str]) -> None:
+    """Train in-process and leave the `.hydra/` record a `python train.py` run leaves; exceptions propagate."""
+    cfg = compose_train(run, overrides)
+    record = run / ".hydra"
+    record.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), record / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(cfg.hydra)}), record / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), record / "overrides.yaml")
+    fit(cfg)

@@ -20,7 +20,7 @@ from shakespeare.errors import UsageError
 from shakespeare.evaluation.scoring import Adaptation, adaptive_code_length, segments, static_code_length
 from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
 from shakespeare.run.composition import CONFIG_DIR
-from tests.harness import compose_train, write_corpus
+from tests.harness import compose_train, train_like_hydra, write_corpus
 
 TINY = [
     "model=rope",
@@ -48,7 +48,7 @@ def compose_evaluate(*overrides: str):
 def run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("evaluate")
     corpus = write_corpus(tmp / "corpus.txt")
-    fit(compose_train(tmp / "run", [f"data.path={corpus}", *TINY, "data.test_fraction=0.05"]))
+    train_like_hydra(tmp / "run", [f"data.path={corpus}", *TINY, "data.test_fraction=0.05"])
     return tmp / "run"
 
 
@@ -140,3 +140,21 @@ def test_an_adaptation_that_throws_the_weights_off_is_refused_naming_the_rate():
         UsageError, match=r"adaptation.lr=1e\+06 is too large for this model: .* e.g. adaptation.lr=100000"
     ):
         adaptive_code_length(model, ids, 300, Adaptation(lr=1e6, segment=8))
+
+
+def test_the_report_puts_each_run_on_the_compressors_scale(run):
+    from shakespeare.report.__main__ import write_report
+
+    evaluate_checkpoint(compose_evaluate(f"ckpt_path={run}", "adapt=true", "threads=1"), io.StringIO())
+    table, _, _ = write_report(run, sample_length=0)
+    section = table.split("## What the losses mean")[1]
+    names = ["gzip -9", "bzip2 -9", "xz -9e", "zstd -22", "PPMd -o6 -m256"]
+    assert all(f"| {name} (given the training text) |" in section for name in names)
+    best = [line for line in section.splitlines() if "best eval loss" in line]
+    adaptive = [line for line in section.splitlines() if "adaptive, prequential (evaluate.py)" in line]
+    assert len(best) == len(adaptive) == 1 and ("better than" in best[0] or "worse than" in best[0])
+    rows = [
+        line for line in section.splitlines() if line.startswith("| ") and "---" not in line and "nats/" not in line
+    ]
+    figures = [float(row.split(" | ")[1]) for row in rows]
+    assert figures == sorted(figures, reverse=True)  # one scale, the best last

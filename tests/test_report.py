@@ -15,14 +15,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from shakespeare.cli.train import fit
 from shakespeare.report.__main__ import main
 from shakespeare.report.figures import labels, validation_curves, write_figures
 from shakespeare.report.runs import Run, load_runs
 from shakespeare.report.samples import samples_section
 from shakespeare.run.composition import CONFIG_DIR
 from shakespeare.training.lines import ELAPSED
-from tests.harness import ROOT, RUNGS, compose_train, write_corpus
+from tests.harness import ROOT, RUNGS, compose_train, train_like_hydra, write_corpus
 
 TINY = [
     "data.batch_size=32",
@@ -30,17 +29,6 @@ TINY = [
     "trainer.limit_val_batches=2",
     "trainer.enable_progress_bar=false",
 ]
-
-
-def train_like_hydra(run: Path, overrides: list[str]) -> None:
-    """Train in-process and leave the `.hydra/` record a `python train.py` run leaves; exceptions propagate."""
-    cfg = compose_train(run, overrides)
-    record = run / ".hydra"
-    record.mkdir(parents=True)
-    OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), record / "config.yaml")
-    OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(cfg.hydra)}), record / "hydra.yaml")
-    OmegaConf.save(OmegaConf.create(overrides), record / "overrides.yaml")
-    fit(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from shakespeare.errors import UsageError
-from shakespeare.report.figures import plot_validation_curves, write_figures
+from shakespeare.report.figures import labels, plot_validation_curves, write_figures
+from shakespeare.report.meaning import meaning_section
 from shakespeare.report.runs import load_runs
 from shakespeare.report.samples import samples_section
 from shakespeare.report.tables import budget_table, markdown_table
@@ -29,6 +30,8 @@ def write_report(
     table = markdown_table(runs)
     if budgets := budget_table(runs):
         table += f"\nThe same time budget each (trainer.max_time), losses on the whole held-out text:\n\n{budgets}"
+    if meaning := meaning_section(runs, labels(runs)):
+        table += f"\n{meaning}"
     plot = plot_validation_curves(runs, out / "val_curves.png")
     samples = "\n" + samples_section(runs, prompt, seed, sample_length) if sample_length else ""
     report = out / "report.md"
