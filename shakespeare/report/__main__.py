@@ -16,6 +16,7 @@ from shakespeare.report.figures import labels, plot_validation_curves, write_fig
 from shakespeare.report.meaning import meaning_section
 from shakespeare.report.runs import load_runs
 from shakespeare.report.samples import samples_section
+from shakespeare.report.seeds import seeds_section
 from shakespeare.report.tables import budget_table, markdown_table
 
 
@@ -30,6 +31,8 @@ def write_report(
     table = markdown_table(runs)
     if budgets := budget_table(runs):
         table += f"\nThe same time budget each (trainer.max_time), losses on the whole held-out text:\n\n{budgets}"
+    if seeds := seeds_section(runs, labels(runs)):
+        table += f"\n{seeds}"
     if meaning := meaning_section(runs, labels(runs)):
         table += f"\n{meaning}"
     plot = plot_validation_curves(runs, out / "val_curves.png")

@@ -246,7 +246,11 @@ def shown_overrides(hydra_dir: Path, rung: str) -> list[str]:
     if (hydra_dir / "hydra.yaml").is_file():
         hydra = OmegaConf.load(hydra_dir / "hydra.yaml")
         excluded = list(OmegaConf.select(hydra, "hydra.job.config.override_dirname.exclude_keys", default=[]) or [])
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded and o != f"model={rung}"]
+    return [
+        o
+        for o in overrides
+        if o.split("=", 1)[0].lstrip("+~") not in excluded and o not in (f"model={rung}", f"rung={rung}")
+    ]
 
 
 def load_runs(folder: str | Path) -> list[Run]:

@@ -23,6 +23,12 @@ def resumed_run(ckpt_path: str | None, log_dir: str) -> Path | None:
         return None
 
 
+def seed_tag(overrides: list[str]) -> str:
+    """`_seed-7` for a run whose command sets seed=7 (a sweep's job names hold it already), else nothing."""
+    seeds = [str(o).split("=", 1)[1] for o in overrides if str(o).split("=", 1)[0].lstrip("+") == "seed"]
+    return f"_seed-{folder_name(seeds[-1])}" if seeds else ""
+
+
 def register() -> None:
     resolvers = {
         "run_dir": lambda ckpt_path, log_dir, new: str(resumed_run(ckpt_path, log_dir) or new),
@@ -31,6 +37,7 @@ def register() -> None:
         ),
         "folder_name": folder_name,  # sweep jobs' and runs' folders: they paste back unquoted
         "typed_overrides": lambda overrides: [unescaped(str(o)) for o in overrides],  # the research log's command
+        "seed_tag": seed_tag,  # a run trained with another seed says so in its folder's name
         "rung_help": rung_help,  # python train.py --help
         "group_help": group_help,
     }

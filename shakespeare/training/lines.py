@@ -296,6 +296,7 @@ class ResearchLog(L.Callback):
             "patience": patience,
             "min_delta": min_delta,
             "split": data.get("split"),
+            "seed": data.get("seed"),
         }
         self.title = f"{model.get('name', type(module.model).__name__)}, {time.strftime('%Y-%m-%d %H:%M')}"
         self.config = "Config(" + ", ".join(f"{key}={value}" for key, value in settings.items()) + ")"
