@@ -10,6 +10,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -21,6 +22,7 @@ import shakespeare.run.resolvers  # noqa: F401  (the interpolations of conf/trai
 from shakespeare.data.datamodule import ShakespeareDataModule
 from shakespeare.errors import EXPLAINED, Interrupted, UsageError, speaks
 from shakespeare.internals import reruns_the_command
+from shakespeare.run.calibration import EqualTime, calibrate, read_calibration, write_calibration
 from shakespeare.run.checkpoints import AtomicCheckpointIO, check_resumable, load_training_checkpoint, resume_checkpoint
 from shakespeare.run.checks import check_accelerator, check_config, check_with_data
 from shakespeare.run.composition import CONFIG_DIR, explained_composition
@@ -39,8 +41,9 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     prepare_host(cfg)  # torch's threads, the allocator, denormal floats, the seed
     datamodule = build_data(cfg)  # the text, its token cache and windows; a step that fits in memory
     ckpt_path, checkpoint = resume(cfg, datamodule)  # the checkpoint a resumed run continues, checked against cfg
+    steps = equal_time(cfg, datamodule)  # in the equal-time mode, the steps the budget buys this rung
     module = build_module(cfg, datamodule)  # the rung, its optimizer and schedule, the tokenizer
-    trainer = build_trainer(cfg, checkpoint)  # Lightning's Trainer: the run's callbacks, loggers, atomic checkpoints
+    trainer = build_trainer(cfg, checkpoint, steps)  # Lightning's Trainer: callbacks, loggers, atomic checkpoints
     with explained(trainer, cfg):  # a signal, a lost process or a full disk: one message, what was kept
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return test(trainer, module, datamodule)  # the final metrics, and the test split read once by best.ckpt
@@ -111,6 +114,31 @@ def resume(cfg: DictConfig, datamodule: ShakespeareDataModule) -> tuple[Path | N
     return ckpt_path, checkpoint
 
 
+def equal_time(cfg: DictConfig, datamodule: ShakespeareDataModule) -> int | None:
+    """The steps equal_time.budget buys this rung (None: the mode is off), calibrated once per run: a resumed
+    run trains the steps its first session measured."""
+    settings = EqualTime(**OmegaConf.to_container(cfg.equal_time, resolve=True))
+    if settings.budget is None:
+        return None
+    run = Path(cfg.paths.output_dir)
+    calibration = read_calibration(run)
+    if calibration is None:
+        with torch.random.fork_rng(devices=[]):  # the calibration's dropout draws are not the run's
+            calibration = calibrate(cfg, len(datamodule.tokenizer), settings)
+        write_calibration(calibration, run)
+    log.info(
+        "Equal time: %s at %s's quiet speed (%.3f s a step) buys this rung %s steps (its step %.2fx the reference's, "
+        "load %s)",
+        settings.budget,
+        calibration.reference,
+        calibration.reference_quiet_step,
+        f"{calibration.steps:,}",
+        calibration.ratio,
+        "-" if calibration.load is None else f"{calibration.load:.2f}",
+    )
+    return calibration.steps
+
+
 def build_module(cfg: DictConfig, datamodule: ShakespeareDataModule) -> ShakespeareModule:
     module = ShakespeareModule(
         vocabulary=datamodule.tokenizer.vocabulary,
@@ -122,7 +150,7 @@ def build_module(cfg: DictConfig, datamodule: ShakespeareDataModule) -> Shakespe
     return module
 
 
-def build_trainer(cfg: DictConfig, checkpoint: dict[str, Any] | None) -> L.Trainer:
+def build_trainer(cfg: DictConfig, checkpoint: dict[str, Any] | None, steps: int | None = None) -> L.Trainer:
     silence_known_noise(resuming=checkpoint is not None)
     # a resumed run hides the steps logged after its checkpoint, so its curves continue without a fold
     resumed = {"purge_step": checkpoint["global_step"]} if checkpoint else {}
@@ -130,6 +158,7 @@ def build_trainer(cfg: DictConfig, checkpoint: dict[str, Any] | None) -> L.Train
         build(conf, f"logger.{name}", **(resumed if conf._target_.endswith("TensorBoardLogger") else {}))
         for name, conf in (cfg.get("logger") or {}).items()
     ]
+    budget = {"max_steps": steps, "max_epochs": -1} if steps else {}  # the equal-time mode's steps
     trainer = build(
         cfg.trainer,
         "trainer",
@@ -137,6 +166,7 @@ def build_trainer(cfg: DictConfig, checkpoint: dict[str, Any] | None) -> L.Train
         callbacks=build_callbacks(cfg),
         logger=loggers,
         plugins=[AtomicCheckpointIO()],
+        **budget,
     )
     check_sweep_strategy(trainer)
     for logger in loggers:  # the HParams tab: these hyperparameters against the best validation loss so far

@@ -3,6 +3,7 @@ has (its events and `.hydra/` record), so sweeps, single runs and runs that cras
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,11 +109,22 @@ class Run:
         return val[-1][0] if val else None
 
     @property
+    def calibration(self) -> dict:
+        """The equal-time mode's calibration (run/calibration.py), when the run was trained in it."""
+        try:
+            return json.loads((self.path / "calibration.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    @property
     def trained(self) -> str:
         """How far the run went, against what ends it: `10/10` epochs, `2,000/2,000 steps`, `6,400 steps in 580 s`."""
         if self.by_epoch:
             return f"{self.epochs}/{self.max_epochs or '?'}"
         steps, max_steps = self.steps, self.trainer.get("max_steps")
+        if calibration := self.calibration:
+            done = "-" if steps is None else f"{steps:,}"
+            return f"{done}/{calibration['steps']:,} steps (equal time, {calibration['budget_seconds']:.0f} s)"
         text = (
             "-"
             if steps is None

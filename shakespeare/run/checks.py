@@ -26,6 +26,7 @@ from shakespeare.errors import UsageError
 from shakespeare.model.generator import GeneratorConfig
 from shakespeare.model.memory import check_memory
 from shakespeare.ranges import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, Range, WholeOrFraction, ranges_of
+from shakespeare.run.calibration import EqualTime
 from shakespeare.run.composition import CONFIG_DIR, MODEL_BASE, nearest
 from shakespeare.run.faults import LostRankWatch
 from shakespeare.run.folders import run_overrides
@@ -47,7 +48,7 @@ TYPES = {
     "host.collective_timeout": float,  # seconds (callbacks.lost_rank applies it)
     "callbacks.early_stopping.patience": int | None,  # null switches early stopping off
 }
-BUILDERS = {"model": GeneratorConfig, "scheduler": warmup_cosine}  # the nodes without a _target_
+BUILDERS = {"model": GeneratorConfig, "scheduler": warmup_cosine, "equal_time": EqualTime}  # nodes without a _target_
 # The meaningful values of the keys that classes the project does not own (Lightning's, torch's) take, and of
 # the keys nothing builds from; every other key's range is the annotation of the parameter it fills.
 NO_LIMIT = ((-1, "no limit"),)
@@ -109,6 +110,13 @@ def check_config(cfg: DictConfig) -> None:
     check_rung_settings(cfg.model, run_overrides())
     check_optimizer(cfg.optimizer)
     budget_seconds(cfg.trainer.get("max_time"))
+    if cfg.equal_time.budget is not None:
+        budget_seconds(cfg.equal_time.budget, "equal_time.budget")
+        if cfg.trainer.get("max_time") is not None:
+            raise UsageError(
+                f"equal_time.budget={cfg.equal_time.budget} and trainer.max_time={cfg.trainer.max_time} are two budgets: "
+                "the equal-time mode trains the steps its budget buys. Drop one (trainer.max_time=null)."
+            )
     check_early_stopping((cfg.get("callbacks") or {}).get("early_stopping"))
 
 

@@ -63,8 +63,9 @@ def budget_timer(trainer: L.Trainer) -> Timer | None:
     return timer if timer is not None and timer.time_remaining() is not None else None
 
 
-def budget_seconds(max_time: object) -> float | None:
-    """trainer.max_time in seconds (None: no time budget), read as Lightning's Timer reads it."""
+def budget_seconds(max_time: object, key: str = "trainer.max_time") -> float | None:
+    """A time budget (trainer.max_time, or the config `key` that holds one) in seconds (None: no budget), read as
+    Lightning's Timer reads it."""
     if max_time is None:
         return None
     try:
@@ -75,8 +76,8 @@ def budget_seconds(max_time: object) -> float | None:
         seconds = None
     if seconds is None or seconds <= 0:
         raise UsageError(
-            f"trainer.max_time={max_time!r} is not a time budget: write days:hours:minutes:seconds, e.g. "
-            "trainer.max_time=00:00:10:00 for ten minutes (or trainer.max_time={minutes:10}), or null for none."
+            f"{key}={max_time!r} is not a time budget: write days:hours:minutes:seconds, e.g. "
+            f"{key}=00:00:10:00 for ten minutes (or {key}={{minutes:10}}), or null for none."
         )
     return seconds
 
