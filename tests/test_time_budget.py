@@ -185,3 +185,16 @@ def test_the_report_gives_each_rungs_loss_at_the_budget_and_its_gain_over_the_ru
         "| rope | 120 s | 100 | 1.7000 | +0.1500 |",
     ]
     assert budget_table([run("bigram", [2.5], max_time=None)]) == ""
+
+
+def test_a_step_budget_ends_with_a_validation_of_its_last_step(tiny_cfg, capsys):
+    cfg = tiny_cfg(
+        "trainer.max_epochs=-1",
+        "trainer.max_steps=7",
+        "trainer.val_check_interval=5",
+        "trainer.check_val_every_n_epoch=null",
+        "trainer.limit_train_batches=null",
+    )
+    cli.fit(cfg)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(" -- ")[0] for line in lines] == ["step 5/7", "step 7/7"] and "Eval loss" in lines[-1]

@@ -76,6 +76,15 @@ class GenerationSample(L.Callback):
         console(trainer, f"Generation:\n---------- Predict from empty input:\n{self.sample(module)}")
 
 
+class FinalValidation(L.Callback):
+    """A run that ends at trainer.max_steps validates its last step, as a time budget's end does (Lightning
+    validates once a callback asks the run to stop): the loss at the budget is the model's at its end."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
 class FiniteLoss(L.Callback):
     """Stops the run at the first NaN or infinite training loss, naming the step, before any checkpoint
     saves the broken weights (checkpoint callbacks run after this one)."""
