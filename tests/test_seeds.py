@@ -96,3 +96,15 @@ def test_the_run_folder_and_the_research_log_show_the_seed(tiny_cfg, tmp_path):
     assert hyperparameters(cfg)["seed"] == 7  # TensorBoard's HParams tab
     fit(cfg)
     assert "seed=7)" in (Path(cfg.paths.output_dir) / "research_log.md").read_text()
+
+
+def test_the_report_samples_one_run_of_each_configuration(monkeypatch):
+    import shakespeare.report.samples as samples
+    from shakespeare.report.runs import Run
+
+    sampled = []
+    monkeypatch.setattr(Run, "checkpoint", lambda self: self.path / "best.ckpt")
+    monkeypatch.setattr(samples, "sample_run", lambda run, prompt, seed, length: sampled.append(run.name) or "text")
+    runs = [scripted("rope", s, 1.7) for s in (1, 2, 3)] + [scripted("relu2", s, 1.6) for s in (1, 2, 3)]
+    section = samples.samples_section(runs, length=4)
+    assert sampled == ["rope-1", "relu2-1"] and section.count("### ") == 2  # another seed writes nothing new

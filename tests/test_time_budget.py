@@ -152,6 +152,7 @@ def test_the_modern_ladder_sweeps_every_rung_from_block_norm_dropout_up_for_one_
     assert {k: v for k, v in jobs["muon"].model.items() if k != "name"} == {
         k: v for k, v in jobs["qk_norm"].model.items() if k != "name"
     }
+    assert {OmegaConf.select(cfg, "equal_time.budget") for cfg in jobs.values()} == {"00:00:02:00"}  # equal time
     for key in (
         "trainer.max_time",
         "model.embedding_size",

@@ -78,8 +78,9 @@ class Run:
 
     @property
     def time_budget(self) -> float | None:
-        """trainer.max_time in seconds, None for a run without one."""
-
+        """The run's time budget in seconds: trainer.max_time, or the equal-time mode's; None without one."""
+        if calibration := self.calibration:
+            return calibration.get("budget_seconds")
         try:
             return budget_seconds(self.config.get("trainer", {}).get("max_time"))
         except UsageError:

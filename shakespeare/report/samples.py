@@ -8,6 +8,7 @@ import sys
 from shakespeare.errors import UsageError
 from shakespeare.report.figures import labels
 from shakespeare.report.runs import Run
+from shakespeare.report.seeds import configuration_key
 from shakespeare.tokenizer import printable
 
 
@@ -30,11 +31,18 @@ def sample_run(run: Run, prompt: str, seed: int, length: int) -> str:
 
 
 def samples_section(runs: list[Run], prompt: str = "", seed: int = 0, length: int = 300) -> str:
-    """Markdown: every run's sample from the same prompt and seed, in the table's (ladder) order."""
+    """Markdown: every configuration's sample from the same prompt and seed, in the table's (ladder) order; of
+    runs that differ only in their training seed, the first one's."""
     shown = f"the prompt {prompt!r}" if prompt else "the empty prompt"
     text = f"## Samples\n\nEach run's best checkpoint continues {shown} with seed {seed} ({length} characters):\n"
-    sampled = [run for run in runs if run.checkpoint() is not None]
+    chosen, configurations = [], set()
     for run, label in zip(runs, labels(runs)):
+        key = configuration_key(run) if run.config and run.checkpoint() is not None else id(run)
+        if key not in configurations:  # another seed of a configuration already sampled says nothing new
+            configurations.add(key)
+            chosen.append((run, label))
+    sampled = [run for run, _ in chosen if run.checkpoint() is not None]
+    for run, label in chosen:
         text += f"\n### {label} ({run.name})\n\n"
         if run.checkpoint() is None:
             text += "No checkpoint to sample from.\n"

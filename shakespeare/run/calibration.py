@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import statistics
@@ -34,7 +35,10 @@ from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
 from shakespeare.ranges import AT_LEAST_1
 from shakespeare.run.composition import CONFIG_DIR
 from shakespeare.run.folders import run_overrides
+from shakespeare.run.host import busy_cores
 from shakespeare.training.lines import budget_seconds
+
+log = logging.getLogger("shakespeare")
 
 RECORD = "calibration.json"
 clock: Callable[[], float] = time.perf_counter  # tests replace it
@@ -140,6 +144,12 @@ def calibrate(cfg: DictConfig, vocab_size: int, settings: EqualTime) -> Calibrat
     quiet, measured = read_quiet_step(record), False
     if quiet is None or settings.recalibrate:
         quiet, measured = min(ref_times), True  # the quickest burst: the machine at its quietest
+        if (busy := busy_cores()) is not None and busy >= 0.5:
+            log.warning(
+                "The reference's quiet step time is measured now, for every later run on this machine, but other work "
+                "keeps %.1f cores busy: once the machine is quiet, measure it again with equal_time.recalibrate=true.",
+                busy,
+            )
         record.parent.mkdir(parents=True, exist_ok=True)
         record.with_suffix(".part").write_text(json.dumps({"quiet_step": quiet, "key": key}), encoding="utf-8")
         os.replace(record.with_suffix(".part"), record)
