@@ -28,6 +28,7 @@ FLOORS = {
     "model": 2,
     "data": 2,
     "training": 3,
+    "evaluation": 3,  # compression by the model: reads checkpoints' models, never training or runs
     "run": 4,
     "cli": 5,
     "report": 5,
