@@ -28,7 +28,7 @@ FLOORS = {
     "model": 2,
     "data": 2,
     "training": 3,
-    "evaluation": 3,
+    "evaluation": 3,  # scoring and compression by a checkpoint's model: never training or runs
     "run": 4,
     "cli": 5,
     "report": 5,

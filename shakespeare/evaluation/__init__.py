@@ -1,1 +1,2 @@
-"""Scoring a model on a held-out text: static and adaptive (prequential) code lengths, and real compression."""
+"""Scoring a model on a held-out text: its static and adaptive (prequential) code lengths, and real compression by its
+predictions."""
