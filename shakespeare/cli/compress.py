@@ -14,13 +14,13 @@ from typing import Literal, TextIO
 import hydra
 from omegaconf import DictConfig
 
-from shakespeare.cli.generate import checkpoint_of
 from shakespeare.errors import UsageError
 from shakespeare.evaluation.coding import SUFFIX, Outcome, check_paths, compress_file, decompress_file
 from shakespeare.model.loading import load_generator, resolve_checkpoint
 from shakespeare.model.sampling import CONTEXTS
 from shakespeare.ranges import ranges_of
 from shakespeare.run.composition import CONFIG_DIR, explained_composition
+from shakespeare.run.folders import checkpoint_of
 from shakespeare.run.host import set_threads
 from shakespeare.run.schema import check_types, parameters
 
