@@ -158,3 +158,9 @@ def test_the_report_puts_each_run_on_the_compressors_scale(run):
     ]
     figures = [float(row.split(" | ")[1]) for row in rows]
     assert figures == sorted(figures, reverse=True)  # one scale, the best last
+
+
+def test_the_adaptations_defaults_are_the_commands():
+    from dataclasses import asdict
+
+    assert dict(compose_evaluate().adaptation) == asdict(Adaptation())  # one set of tuned settings

@@ -85,11 +85,11 @@ class Adaptation:
     windows of the training text (Krause et al.: parameters that training moved little move little). Then a pull
     of `decay` of the way back towards the trained weights, so the model remembers what it was trained on."""
 
-    lr: Annotated[float, ABOVE_0] = 0.05
-    segment: Annotated[int, AT_LEAST_1] | None = None  # at most the model's sequence_length, the context it reads
-    decay: Annotated[float, FRACTION] = 0.0
+    lr: Annotated[float, ABOVE_0] = 0.00007
+    segment: Annotated[int, AT_LEAST_1] | None = 64  # at most the model's sequence_length, the context it reads
+    decay: Annotated[float, FRACTION] = 0.002
     parameters: Literal["all", "matrices"] = "all"
-    step: Literal["sgd", "rms"] = "sgd"
+    step: Literal["sgd", "rms"] = "rms"
     statistics: Annotated[int, AT_LEAST_1] = 256  # training windows whose gradients scale an rms step
 
     def __post_init__(self) -> None:
