@@ -164,3 +164,21 @@ def test_the_adaptations_defaults_are_the_commands():
     from dataclasses import asdict
 
     assert dict(compose_evaluate().adaptation) == asdict(Adaptation())  # one set of tuned settings
+
+
+def test_the_compressors_scale_shows_a_configuration_trained_with_several_seeds_once(run, tmp_path):
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from shakespeare.report.__main__ import write_report
+
+    for seed in (1, 2):  # the same run twice, differing only in its seed
+        copy = shutil.copytree(run, tmp_path / f"seed-{seed}")
+        config = OmegaConf.load(copy / ".hydra" / "config.yaml")
+        config.seed = seed
+        OmegaConf.save(config, copy / ".hydra" / "config.yaml")
+        OmegaConf.save(OmegaConf.create([f"seed={seed}"]), copy / ".hydra" / "overrides.yaml")
+    section = write_report(tmp_path, sample_length=0)[0].split("## What the losses mean")[1]
+    best = [line for line in section.splitlines() if "best eval loss" in line]
+    assert len(best) == 1 and best[0].startswith("| rope (2 seeds, mean): best eval loss |")

@@ -226,7 +226,7 @@ def test_budget_runs_show_their_budget_and_are_plotted_by_step():
         path=Path("a"),
         name="a",
         config=composed("experiment=cpu_speedrun", "trainer.max_time=00:00:02:00"),
-        scalars={"val/loss": [(500, 1.0, 2.0), (1000, 2.0, 1.8)], ELAPSED: [(1000, 2.0, 118.0)]},
+        scalars={"val/loss": [(499, 1.0, 2.0), (999, 2.0, 1.8)], ELAPSED: [(999, 2.0, 118.0)]},  # as logged
     )
     steps = Run(
         path=Path("b"),
@@ -238,13 +238,13 @@ def test_budget_runs_show_their_budget_and_are_plotted_by_step():
             "trainer.val_check_interval=1000",
             "trainer.check_val_every_n_epoch=null",
         ),
-        scalars={"val/loss": [(1000, 1.0, 2.5), (2000, 2.0, 2.4)]},
+        scalars={"val/loss": [(999, 1.0, 2.5), (1999, 2.0, 2.4)]},
     )
     epochs = Run(
         path=Path("c"),
         name="c",
         config=composed("model=bigram"),
-        scalars={"val/loss": [(10, 1.0, 2.5), (20, 2.0, 2.4)], ELAPSED: [(10, 1.0, 3.0), (20, 2.0, 7.0)]},
+        scalars={"val/loss": [(9, 1.0, 2.5), (19, 2.0, 2.4)], ELAPSED: [(9, 1.0, 3.0), (19, 2.0, 7.0)]},
     )
     assert (budget.trained, steps.trained, epochs.trained) == ("1,000 steps in 120 s", "2,000/2,000 steps", "2/10")
     assert budget.seconds_per_epoch is None and epochs.seconds_per_epoch == pytest.approx(3.5)  # the run's own clock

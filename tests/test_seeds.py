@@ -108,3 +108,24 @@ def test_the_report_samples_one_run_of_each_configuration(monkeypatch):
     runs = [scripted("rope", s, 1.7) for s in (1, 2, 3)] + [scripted("relu2", s, 1.6) for s in (1, 2, 3)]
     section = samples.samples_section(runs, length=4)
     assert sampled == ["rope-1", "relu2-1"] and section.count("### ") == 2  # another seed writes nothing new
+
+
+def test_a_seeded_budget_sweep_is_a_row_a_configuration_with_its_interval_and_paired_gain():
+    from shakespeare.report.runs import Run
+    from shakespeare.report.tables import budget_table
+
+    def budgeted(rung: str, seed: int, loss: float, steps: int) -> Run:
+        run = scripted(rung, seed, loss, final=loss)
+        run.config["trainer"] = {"max_time": "00:00:02:00", "max_epochs": -1}
+        run.scalars["val/loss"] = [(steps // 2 - 1, 0.0, loss + 0.2), (steps - 1, 0.0, loss)]  # as Lightning logs
+        return run
+
+    runs = [budgeted("rope", s, 1.70 + s / 100, 900 + s) for s in (1, 2, 3)]
+    runs += [budgeted("relu2", s, 1.60 + s / 100, 850) for s in (1, 2, 3)]
+    labels = [f"{run.rung} seed={run.config['seed']}" for run in runs]
+    rows = budget_table(runs, labels).splitlines()[2:]
+    assert rows[0].startswith("| rope | 3 | 120 s | 901-903 | 1.7200 ± 0.0100 [") and rows[0].endswith("| - | - | - |")
+    assert rows[1].startswith("| relu2 | 3 | 120 s | 850 | 1.6200 ± 0.0100 [")
+    assert rows[1].endswith("| +0.1000 [+0.1000, +0.1000] | 0 | yes |")
+    alone = budget_table(runs[:1] + runs[3:4], ["rope", "relu2"]).splitlines()[2:]
+    assert alone == ["| rope | 120 s | 901 | 1.7100 | - |", "| relu2 | 120 s | 850 | 1.6100 | +0.1000 |"]  # as before

@@ -169,7 +169,7 @@ def test_the_report_gives_each_rungs_loss_at_the_budget_and_its_gain_over_the_ru
             path=Path(rung),
             name=rung,
             config={"model": {"name": rung}, "trainer": {"max_time": max_time}},
-            scalars={"val/loss": [(100 * (i + 1), 0.0, loss) for i, loss in enumerate(losses)]},
+            scalars={"val/loss": [(100 * (i + 1) - 1, 0.0, loss) for i, loss in enumerate(losses)]},  # as logged
         )
 
     table = budget_table(

@@ -29,8 +29,11 @@ def write_report(
     out = Path(out or folder).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)
-    if budgets := budget_table(runs):
-        table += f"\nThe same time budget each (trainer.max_time), losses on the whole held-out text:\n\n{budgets}"
+    if budgets := budget_table(runs, labels(runs)):
+        table += (
+            "\nThe same time budget each (trainer.max_time, or equal_time.budget's steps), losses on the whole "
+            f"held-out text:\n\n{budgets}"
+        )
     if seeds := seeds_section(runs, labels(runs)):
         table += f"\n{seeds}"
     if meaning := meaning_section(runs, labels(runs)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shakespeare.errors import UsageError
-from shakespeare.report.runs import Run
+from shakespeare.report.runs import Run, steps_done
 from shakespeare.training.inspection import plot_loss_by_position
 
 
@@ -25,7 +25,7 @@ def validation_curves(runs: list[Run]) -> tuple[str, list[tuple[str, list[int], 
     for run, label in zip(runs, labels(runs)):
         events = run.scalars.get("val/loss", [])
         if events:
-            x = [step for step, _, _ in events] if axis == "step" else list(range(len(events)))
+            x = [steps_done(step) for step, _, _ in events] if axis == "step" else list(range(len(events)))
             points.append((label, x, [value for _, _, value in events]))
     return axis, points
 

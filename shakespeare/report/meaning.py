@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import mean
 
 from omegaconf import OmegaConf
 
@@ -14,6 +15,7 @@ from shakespeare.data.datamodule import ShakespeareDataModule
 from shakespeare.data.yardsticks import yardsticks
 from shakespeare.errors import UsageError
 from shakespeare.report.runs import Run
+from shakespeare.report.seeds import configurations, strip_seed
 
 EVALUATION = "evaluation.json"  # what evaluate.py recorded in a run folder
 
@@ -100,13 +102,18 @@ def meaning_section(runs: list[Run], labels: list[str]) -> str:
             sections.append(f"### {text.name}\n\nNo compressor yardsticks: {text.problem}.\n")
             continue
         rows = [(nats, f"{name} (given the training text)", "-") for name, nats in text.compressors.items()]
-        for run in text.runs:
-            label = label_of[id(run)]
-            rows.append((run.best_val_loss, f"{label}: best eval loss", standing(run.best_val_loss, text.compressors)))
-            record = evaluated(run)
-            if record.get("prequential") is not None:
-                nats = record["prequential"]
-                rows.append((nats, f"{label}: adaptive, prequential (evaluate.py)", standing(nats, text.compressors)))
+        for group in configurations(text.runs, [strip_seed(label_of[id(run)]) for run in text.runs]):
+            runs = list(group.runs.values())
+            label = label_of[id(runs[0])] if len(runs) == 1 else f"{group.label} ({len(runs)} seeds, mean)"
+            static = mean([run.best_val_loss for run in runs])
+            rows.append((static, f"{label}: best eval loss", standing(static, text.compressors)))
+            adaptive = [record["prequential"] for run in runs if (record := evaluated(run)).get("prequential")]
+            if adaptive:
+                nats = mean(adaptive)
+                what = f"{label}: adaptive, prequential (evaluate.py" + (
+                    f", {len(adaptive)} of its seeds)" if len(runs) > 1 and len(adaptive) < len(runs) else ")"
+                )
+                rows.append((nats, what, standing(nats, text.compressors)))
         unit = text.unit
         lines = [f"### {text.name}", "", f"| | nats/{unit} | bits/{unit} | stands |", "|---|---:|---:|---|"]
         for nats, what, where in sorted(rows, key=lambda row: -row[0]):

@@ -106,8 +106,9 @@ class Run:
 
     @property
     def steps(self) -> int | None:
+        """Training steps done at the last validation (Lightning logs a validation at its last step's index)."""
         val = self.scalars.get("val/loss")
-        return val[-1][0] if val else None
+        return steps_done(val[-1][0]) if val else None
 
     @property
     def calibration(self) -> dict:
@@ -174,7 +175,7 @@ class Run:
         val, data = self.scalars.get("val/loss"), self.config.get("data", {})
         if not val or self.started is None or not isinstance(data.get("batch_size"), int):
             return None, False
-        steps, seconds = val[-1][0], val[-1][1] - self.started
+        steps, seconds = steps_done(val[-1][0]), val[-1][1] - self.started
         return steps * data["batch_size"] * data.get("sequence_length", 1) / max(seconds, 1e-9), False
 
     @property
@@ -189,6 +190,17 @@ class Run:
             crashed = "killed or still running" if self.logged_status == "running" else "stopped early or partial"
             return f"{crashed} ({self.epochs}/{self.max_epochs} epochs)"
         return "finished"
+
+
+def steps_done(logged_step: int) -> int:
+    """The training steps done when a validation logged at `logged_step`: Lightning logs it at the 0-based index of
+    the last training step, so a validation after 500 steps is logged at step 499."""
+    return logged_step + 1
+
+
+def natural(name: str) -> list:
+    """A sort key that puts sweep job 9 before job 10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def find_run_folders(root: Path) -> list[Path]:
@@ -282,4 +294,4 @@ def load_runs(folder: str | Path) -> list[Run]:
         )
     runs = [load_run(path, root) for path in folders]
     order = {rung: i for i, rung in enumerate(LADDER)}
-    return sorted(runs, key=lambda run: (order.get(run.rung, len(LADDER)), run.name))
+    return sorted(runs, key=lambda run: (order.get(run.rung, len(LADDER)), natural(run.name)))

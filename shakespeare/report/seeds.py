@@ -98,10 +98,21 @@ class Gain:
     def significant(self) -> bool | None:
         return None if self.p is None else self.p < 1 - LEVEL
 
+    @property
+    def mark(self) -> str:
+        return {True: "yes", False: "no", None: "- (one seed)"}[self.significant]
 
-def gain(before: Configuration, after: Configuration) -> Gain | None:
-    """`before`'s best loss minus `after`'s, seed by seed over the seeds both have; None without a shared seed."""
-    a, b = before.best(), after.best()
+    def shown(self) -> str:
+        """`+0.0172 [+0.0081, +0.0263]`: the mean gain and its interval (one shared seed: the gain alone)."""
+        summary = self.summary
+        interval = "" if summary.sd is None else f" [{summary.low:+.4f}, {summary.high:+.4f}]"
+        return f"{summary.mean:+.4f}{interval}"
+
+
+def gain(before: Configuration, after: Configuration, metric: str = "best") -> Gain | None:
+    """`before`'s best (or `metric="final"`: last) loss minus `after`'s, seed by seed over the seeds both have; None
+    without a shared seed."""
+    a, b = getattr(before, metric)(), getattr(after, metric)()
     shared = sorted(set(a) & set(b))
     if not shared:
         return None
@@ -153,11 +164,8 @@ def seeds_section(runs: list[Run], labels: list[str]) -> str:
         if found is None:
             lines.append(f"| {after.label} | {before.label} | 0 | no seed in common | - | - |")
             continue
-        mark = {True: "yes", False: "no", None: "- (one seed)"}[found.significant]
         p = "-" if found.p is None else f"{found.p:.3g}"
-        summary = found.summary
-        shown = f"{summary.mean:+.4f}" + ("" if summary.sd is None else f" [{summary.low:+.4f}, {summary.high:+.4f}]")
-        lines.append(f"| {after.label} | {before.label} | {found.seeds} | {shown} | {p} | {mark} |")
+        lines.append(f"| {after.label} | {before.label} | {found.seeds} | {found.shown()} | {p} | {found.mark} |")
     repeats = [repeat for group in groups for repeat in group.repeats]
     if repeats:
         lines += ["", "Counted once (the same configuration and seed as a run above): " + "; ".join(repeats) + "."]

@@ -8,6 +8,7 @@ from functools import cache
 from omegaconf import OmegaConf
 
 from shakespeare.report.runs import Run
+from shakespeare.report.seeds import Summary, configurations, gain, strip_seed
 from shakespeare.run.composition import CONFIG_DIR
 
 # Eval loss in the research log (its random_windows split; scale_up: the best of the 3 epochs it saw).
@@ -108,25 +109,46 @@ def markdown_table(runs: list[Run]) -> str:
     return "\n".join(rows + notes) + "\n"
 
 
-def budget_table(runs: list[Run]) -> str:
-    """The runs trained for a time budget (trainer.max_time), in ladder order: each one's validation loss when
-    its time was up and what it gained over the run above it (`python train.py -m experiment=modern_ladder`)."""
-    rows = [
-        "| rung | time budget | steps | val loss at the budget | gain over the rung above |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    before = None
-    for run in (run for run in runs if run.time_budget is not None):
-        final = run.scalars.get("val/loss", [])[-1:] or [(None, None, None)]
-        step, _, loss = final[0]
-        gain = before - loss if before is not None and loss is not None else None
-        cells = [
-            run.rung,
-            f"{run.time_budget:.0f} s",
-            "-" if step is None else f"{step:,}",
-            _number(loss),
-            "-" if gain is None else f"{gain:+.4f}",
+def budget_table(runs: list[Run], labels: list[str] | None = None) -> str:
+    """The runs trained for a time budget (trainer.max_time, or the equal-time mode's equal_time.budget), in ladder
+    order: each one's steps, its validation loss when its time was up and what it gained over the row above
+    (`python train.py -m experiment=modern_ladder`). Runs that differ only in their seed are one row: the mean ±
+    standard deviation and interval over the seeds, and the gain paired over the seeds both rows ran, marked
+    significant or not (`seed=1,2,3`)."""
+    budgeted = [(run, label) for run, label in zip(runs, labels or [run.rung for run in runs]) if run.time_budget]
+    groups = configurations([run for run, _ in budgeted], [strip_seed(label) for _, label in budgeted])
+    if not groups:
+        return ""
+    seeded = any(len(group.runs) > 1 for group in groups)
+    rows = (
+        [
+            "| configuration | seeds | time budget | steps | val loss at the budget | gain over the row above | p | "
+            "significant |",
+            "|---|---:|---:|---:|---|---|---:|---|",
         ]
+        if seeded
+        else [
+            "| rung | time budget | steps | val loss at the budget | gain over the rung above |",
+            "|---|---:|---:|---:|---:|",
+        ]
+    )
+    if not seeded:  # one run a row, each against the run above
+        before = None
+        for run, _ in budgeted:
+            final = run.curve("val/loss")[-1:] or [None]
+            gain_shown = "-" if before is None or final[0] is None else f"{before - final[0]:+.4f}"
+            steps = "-" if run.steps is None else f"{run.steps:,}"
+            rows.append(f"| {run.rung} | {run.time_budget:.0f} s | {steps} | {_number(final[0])} | {gain_shown} |")
+            before = final[0] if final[0] is not None else before
+        return "\n".join(rows) + "\n"
+    for before, group in zip([None, *groups], groups):
+        runs_of = list(group.runs.values())
+        steps = sorted({run.steps for run in runs_of if run.steps is not None})
+        steps_shown = "-" if not steps else f"{steps[0]:,}" + (f"-{steps[-1]:,}" if len(steps) > 1 else "")
+        found = gain(before, group, "final") if before is not None and before.data == group.data else None
+        p = "-" if found is None or found.p is None else f"{found.p:.3g}"
+        cells = [group.label, str(len(runs_of)), f"{runs_of[0].time_budget:.0f} s", steps_shown]
+        cells += [Summary.of(list(group.final().values())).shown()]
+        cells += ["-", "-", "-"] if found is None else [found.shown(), p, found.mark]
         rows.append("| " + " | ".join(cells) + " |")
-        before = loss if loss is not None else before
-    return "\n".join(rows) + "\n" if len(rows) > 2 else ""
+    return "\n".join(rows) + "\n"
