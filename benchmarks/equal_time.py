@@ -1,7 +1,7 @@
-"""Equal time that load cannot bend: two runs of the same rung in the equal-time mode, the second beside a busy
-neighbour process (a Python loop spinning on one core), end within 0.01 of each other.
+"""Equal time that load cannot bend: two runs of the same rung in the equal-time mode, the second beside busy
+neighbour processes (Python loops spinning, one a core: two on a 2-core machine), end within 0.01 of each other.
 
-    python benchmarks/equal_time.py [--budget 00:00:01:00] [--rung qk_norm] [--threads 1]
+    python benchmarks/equal_time.py [--budget 00:00:01:00] [--rung qk_norm] [--threads 1] [--neighbours 2]
 
 The first run measures the reference rung's quiet step time (a fresh cache folder: nothing is reused from
 earlier runs) and trains the steps the budget buys; the second measures its speed against the reference beside
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--budget", default="00:00:01:00")
     parser.add_argument("--rung", default="qk_norm")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--neighbours", type=int, default=2, help="busy processes beside the second run (one a core)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="equal_time-"))
     try:
@@ -80,13 +81,14 @@ def main() -> None:
             flush=True,
         )
         quiet = train(args, folder / "quiet", cache)
-        neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        neighbours = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.neighbours)]
         try:
             time.sleep(1)
             busy = train(args, folder / "busy", cache)
         finally:
-            neighbour.kill()
-        for name, (record, loss, wall, load) in (("quiet", quiet), ("beside a busy neighbour", busy)):
+            for neighbour in neighbours:
+                neighbour.kill()
+        for name, (record, loss, wall, load) in (("quiet", quiet), (f"beside {args.neighbours} busy", busy)):
             print(
                 f"  {name:24} {record['steps']:6,} steps (step {record['ratio']:.3f}x the reference's; quiet reference "
                 f"step {record['reference_quiet_step'] * 1000:.1f} ms{', measured now' if record['measured_quiet_now'] else ''})"

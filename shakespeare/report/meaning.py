@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from statistics import mean
 
@@ -36,8 +37,16 @@ def data_settings(run: Run) -> dict | None:
     data = run.config.get("data")
     if not isinstance(data, dict):
         return None
+    recorded = {key: run.config.get(key) for key in ("data", "paths", "seed")}
+    settings = resolved_data(json.dumps(recorded, sort_keys=True, default=str))
+    return None if settings is None else dict(settings)
+
+
+@cache
+def resolved_data(recorded: str) -> dict | None:
+    """`data` with its interpolations (`${paths.cache_dir}`) resolved; the runs of a sweep share one answer."""
     try:
-        settings = OmegaConf.to_container(OmegaConf.create(run.config).data, resolve=True)
+        settings = OmegaConf.to_container(OmegaConf.create(json.loads(recorded)).data, resolve=True)
     except Exception:  # an interpolation this machine cannot resolve
         return None
     settings.pop("_target_", None)

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 
 from shakespeare.errors import UsageError
@@ -229,7 +230,7 @@ def count_parameters(path: Path) -> int | None:
         checkpoint = path / "checkpoints" / name
         if checkpoint.is_file():
             try:
-                state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+                state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
                 return sum(tensor.numel() for name, tensor in state.items() if name.startswith("model."))
             except Exception:  # a checkpoint cut short by a crash: try the next source
                 continue
@@ -238,13 +239,18 @@ def count_parameters(path: Path) -> int | None:
     return int(match.group(1).replace(",", "")) if match else None
 
 
+def read_yaml(path: Path):
+    """A `.hydra/` record as plain data, interpolations kept as written (libyaml's parser: a sweep has dozens)."""
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def load_run(path: Path, root: Path) -> Run:
     """Read one run folder; whatever is missing or unreadable becomes the run's `problem`, never an exception."""
     run = Run(path=path, name=str(path.relative_to(root)) if path != root else path.name)
     hydra_dir = path / ".hydra"
     try:
         if (hydra_dir / "config.yaml").is_file():
-            run.config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
+            run.config = read_yaml(hydra_dir / "config.yaml")
         if (hydra_dir / "overrides.yaml").is_file():
             run.overrides = shown_overrides(hydra_dir, run.rung)
     except Exception as err:
@@ -266,10 +272,10 @@ def load_run(path: Path, root: Path) -> Run:
 
 def shown_overrides(hydra_dir: Path, rung: str) -> list[str]:
     """The command-line overrides that change results: not those the run's Hydra config keeps out of job names."""
-    overrides = [unescaped(str(o)) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
+    overrides = [unescaped(str(o)) for o in read_yaml(hydra_dir / "overrides.yaml") or []]
     excluded: list[str] = []
     if (hydra_dir / "hydra.yaml").is_file():
-        hydra = OmegaConf.load(hydra_dir / "hydra.yaml")
+        hydra = OmegaConf.create(read_yaml(hydra_dir / "hydra.yaml"))
         excluded = list(OmegaConf.select(hydra, "hydra.job.config.override_dirname.exclude_keys", default=[]) or [])
     return [
         o
