@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from functools import cache
+from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 
 from shakespeare.report.runs import Run
@@ -64,8 +66,25 @@ def defining(config: dict) -> dict:
 
 def matches_the_log(run: Run) -> bool:
     """Whether the research log's eval loss for the run's rung belongs beside it: tinyshakespeare, the log's settings."""
-    settings = log_settings(run.rung)
-    return settings is not None and run.corpus == "tinyshakespeare.txt" and defining(run.config) == settings
+    if run.rung not in PUBLISHED or run.corpus != "tinyshakespeare.txt" or not near_the_log(run):
+        return False
+    return defining(run.config) == log_settings(run.rung)
+
+
+@cache
+def experiment_settings(name: str) -> dict:
+    """What conf/experiment/<name>.yaml sets, read as plain data (no composition)."""
+    return yaml.safe_load((Path(CONFIG_DIR) / "experiment" / f"{name}.yaml").read_text(encoding="utf-8")) or {}
+
+
+def near_the_log(run: Run) -> bool:
+    """A quick look before composing the log's config: the context, batch and epochs its experiment file sets."""
+    experiment = experiment_settings("scale_up" if run.rung == "scale_up" else "ladder")
+    for group in ("data", "trainer"):
+        for key, value in (experiment.get(group) or {}).items():
+            if key in ("sequence_length", "batch_size", "max_epochs") and run.config.get(group, {}).get(key) != value:
+                return False
+    return True
 
 
 def markdown_table(runs: list[Run]) -> str:
