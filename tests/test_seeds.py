@@ -67,6 +67,8 @@ def test_the_report_shows_seeds_only_where_there_are_several():
         "| rope | 3 (1, 2, 3) | 1.7200 ± 0.0100 [" in section and "| relu2 | 3 (1, 2, 3) | 1.6200 ± 0.0100 [" in section
     )
     assert "| relu2 | rope | 3 | +0.1000 [+0.1000, +0.1000] | 0 | yes |" in section
+    alone = seeds_section(runs[:3], [f"rope seed={s}" for s in (1, 2, 3)])
+    assert "| rope | 3 (1, 2, 3) |" in alone and "gain" not in alone  # one configuration: nothing to compare
 
 
 def test_repeated_seeds_count_once_and_other_texts_are_not_compared():

@@ -148,6 +148,8 @@ def seeds_section(runs: list[Run], labels: list[str]) -> str:
         best, final = Summary.of(list(group.best().values())), group.final()
         last = Summary.of(list(final.values())).shown() if final else "-"
         lines.append(f"| {group.label} | {len(group.runs)} ({seeds}) | {best.shown()} | {last} |")
+    if len(groups) < 2:  # nothing to compare one configuration with
+        return "\n".join(lines + repeated(groups)) + "\n"
     lines += [
         "",
         f"Each configuration's gain over the one before it on the same text (its best eval loss lower by), paired "
@@ -166,10 +168,15 @@ def seeds_section(runs: list[Run], labels: list[str]) -> str:
             continue
         p = "-" if found.p is None else f"{found.p:.3g}"
         lines.append(f"| {after.label} | {before.label} | {found.seeds} | {found.shown()} | {p} | {found.mark} |")
+    return "\n".join(lines + repeated(groups)) + "\n"
+
+
+def repeated(groups: list[Configuration]) -> list[str]:
+    """The note naming the runs that repeat a configuration's seed, if any."""
     repeats = [repeat for group in groups for repeat in group.repeats]
-    if repeats:
-        lines += ["", "Counted once (the same configuration and seed as a run above): " + "; ".join(repeats) + "."]
-    return "\n".join(lines) + "\n"
+    if not repeats:
+        return []
+    return ["", "Counted once (the same configuration and seed as a run above): " + "; ".join(repeats) + "."]
 
 
 def strip_seed(label: str) -> str:
