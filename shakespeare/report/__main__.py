@@ -17,7 +17,7 @@ from shakespeare.report.meaning import meaning_section
 from shakespeare.report.runs import load_runs
 from shakespeare.report.samples import samples_section
 from shakespeare.report.seeds import seeds_section
-from shakespeare.report.tables import budget_table, markdown_table
+from shakespeare.report.tables import budget_table, markdown_table, units_table
 
 
 def write_report(
@@ -29,7 +29,9 @@ def write_report(
     out = Path(out or folder).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)
-    if budgets := budget_table(runs):
+    if units := units_table(runs):  # losses per token of different tokens do not compare: bits per character do
+        table += f"\nThe same time budget each (trainer.max_time), by tokens, on the whole held-out text:\n\n{units}"
+    elif budgets := budget_table(runs):
         table += f"\nThe same time budget each (trainer.max_time), losses on the whole held-out text:\n\n{budgets}"
     if seeds := seeds_section(runs, labels(runs)):
         table += f"\n{seeds}"
