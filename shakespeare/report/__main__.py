@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="where to write report.md and val_curves.png (default: the folder)")
     parser.add_argument("--prompt", default="", help="the prompt every run's sample continues (default: empty)")
     parser.add_argument("--seed", type=int, default=0, help="the samples' seed (default: 0)")
-    parser.add_argument("--sample-length", type=int, default=300, help="characters per sample; 0: no samples")
+    parser.add_argument(
+        "--sample-length", type=int, default=300, help="tokens per sample (characters for char runs); 0: no samples"
+    )
     parser.add_argument("--figures", metavar="DIR", help="also write attention.png and loss_by_position.png into DIR")
     args = parser.parse_args(argv)
     if args.sample_length < 0:

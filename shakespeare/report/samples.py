@@ -32,7 +32,7 @@ def sample_run(run: Run, prompt: str, seed: int, length: int) -> str:
 def samples_section(runs: list[Run], prompt: str = "", seed: int = 0, length: int = 300) -> str:
     """Markdown: every run's sample from the same prompt and seed, in the table's (ladder) order."""
     shown = f"the prompt {prompt!r}" if prompt else "the empty prompt"
-    text = f"## Samples\n\nEach run's best checkpoint continues {shown} with seed {seed} ({length} characters):\n"
+    text = f"## Samples\n\nEach run's best checkpoint continues {shown} with seed {seed} ({length} tokens each):\n"
     sampled = [run for run in runs if run.checkpoint() is not None]
     for run, label in zip(runs, labels(runs)):
         text += f"\n### {label} ({run.name})\n\n"
