@@ -29,10 +29,10 @@ class TextCovered(Metric):
     full_state_update = False
 
     def __init__(self, characters: list[int]):
-        super().__init__()
-        self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("characters", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.counts = torch.tensor(characters, dtype=torch.float64)  # characters per id (the tokenizer's)
+        super().__init__()  # whole numbers, exact at any size, on every device (MPS has no float64)
+        self.add_state("tokens", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("characters", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.counts = torch.tensor(characters, dtype=torch.long)  # characters per id (the tokenizer's)
 
     def update(self, targets: torch.Tensor) -> None:
         if self.counts.device != targets.device:
@@ -42,7 +42,8 @@ class TextCovered(Metric):
 
     def compute(self) -> float:
         """Tokens per character: 1 for characters, and for bytes of a text of single-byte characters."""
-        return float(self.tokens / self.characters) if self.characters else 1.0
+        tokens, characters = int(self.tokens), int(self.characters)
+        return tokens / characters if characters else 1.0
 
 
 def bits_per_character(loss: torch.Tensor | float, tokens_per_character: float) -> float:
