@@ -36,6 +36,7 @@ import torch
 from shakespeare.data.corpus import cache_lock
 from shakespeare.errors import UsageError
 from shakespeare.tokenizer import (
+    MIN_BPE_VOCABULARY,
     MIN_FREQUENCY,
     PAD,
     UNITS,
@@ -345,7 +346,8 @@ def bpe_encoder(files: list[Path], settings: BPESettings) -> tuple[BPETokenizer,
     if len(tokenizer) < settings.vocab_size:
         raise UsageError(
             f"data.vocab_size={settings.vocab_size} is more than the training text supports: its {end:,} characters "
-            f"hold only {len(tokenizer) - 257:,} pairs of tokens that occur at least {MIN_FREQUENCY} times to merge, "
+            f"hold only {len(tokenizer) - MIN_BPE_VOCABULARY:,} pairs of tokens that occur at least {MIN_FREQUENCY} "
+            "times to merge, "
             f"so its byte-level BPE ends at {len(tokenizer)} tokens (the pad, the 256 byte values and the merges). "
             f"Use data.vocab_size={len(tokenizer)} or less, or a longer text."
         )
@@ -375,11 +377,12 @@ def as_text(chunk: bytes | np.ndarray) -> str:
     return chunk.decode("ascii") if isinstance(chunk, bytes) else chunk.tobytes().decode("utf-32-le")
 
 
-def text_pieces(file: Path, cuts: list[int] = (), stop: int | None = None, size: int = PIECE) -> Iterator[str]:
-    """The file's text (up to character `stop`) in pieces of about `size` characters, each ending where a word ends,
-    so that encoding the pieces one by one gives the ids encoding the whole text would; a piece also ends at each of
-    `cuts` (character offsets), where the text is split into parts encoded on their own."""
+def text_pieces(file: Path, cuts: list[int] = (), stop: int | None = None, size: int | None = None) -> Iterator[str]:
+    """The file's text (up to character `stop`) in pieces of about `size` characters (PIECE), each ending where a
+    word ends, so that encoding the pieces one by one gives the ids encoding the whole text would; a piece also ends
+    at each of `cuts` (character offsets), where the text is split into parts encoded on their own."""
     bounds = sorted({cut for cut in cuts if cut > 0} | ({stop} if stop is not None else set()))
+    size = size or PIECE
     pending, offset = "", 0  # offset: the file's characters before `pending`
     for chunk in text_chunks(file):
         pending += as_text(chunk)

@@ -147,7 +147,8 @@ def units_table(runs: list[Run]) -> str:
         return ""
     best = min(run.final_bpc for run in timed)
     rows = [
-        "| tokens | time budget | steps | val loss at the budget (nats/token) | val bpc at the budget | behind the best |",
+        "| tokens | time budget | steps | val loss at the budget (nats/token) | val bpc at the budget "
+        "| behind the best |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for run in timed:
