@@ -1,6 +1,7 @@
 """The memory check's estimate of a training step against the peak it measures, for several rungs and shapes.
 
     python benchmarks/memory.py            # every case; the last column should stay between about 1 and 2
+    python benchmarks/memory.py BPE        # the cases whose names hold a word
 
 Each case trains two steps (forward, backward, Adam) in a fresh process with train.py's allocator setting and
 reports the rise of the process's peak resident memory; the ratio estimate / measured is what the refusal
@@ -39,6 +40,15 @@ CASES = {
         **BLOCK,
         "fused_attention": True,
     },
+    "cpu_speedrun (flash), BPE of 2048 tokens, batch 64 x 128": {
+        "batch_size": 64,
+        "sequence_length": 128,
+        "embedding_size": 128,
+        "num_blocks": 4,
+        **BLOCK,
+        "fused_attention": True,
+        "vocab_size": 2048,  # the logits and the embedding tables grow with the vocabulary
+    },
 }
 
 MEASURE = """
@@ -48,11 +58,11 @@ from shakespeare.model.memory import step_memory
 from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
 keep_freed_memory()
 torch.set_num_threads(1)
-case = json.loads(sys.argv[1]); batch_size = case.pop("batch_size")
-cfg = GeneratorConfig(vocab_size=66, **case)
+case = json.loads(sys.argv[1]); batch_size = case.pop("batch_size"); vocab_size = case.pop("vocab_size", 66)
+cfg = GeneratorConfig(vocab_size=vocab_size, **case)
 estimate = step_memory(cfg, batch_size).total
 model = ShakespeareGenerator(cfg); optimizer = torch.optim.Adam(model.parameters())
-idx = torch.randint(0, 66, (batch_size, cfg.sequence_length))
+idx = torch.randint(0, vocab_size, (batch_size, cfg.sequence_length))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for _ in range(2):
     model.loss(idx, idx).backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
@@ -62,7 +72,8 @@ print(json.dumps({"estimate": estimate, "measured": (resource.getrusage(resource
 
 def main() -> None:
     print("| case | estimate (MiB) | measured peak (MiB) | estimate / measured |\n|---|---:|---:|---:|")
-    for name, case in CASES.items():
+    chosen = [name for name in CASES if any(word in name for word in sys.argv[1:])] or list(CASES)
+    for name, case in ((name, CASES[name]) for name in chosen):
         out = subprocess.run(
             [sys.executable, "-c", MEASURE, json.dumps(case)], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout

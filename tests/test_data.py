@@ -253,7 +253,9 @@ def test_byte_unit_trains_on_any_file(tmp_path):
     assert dm.tokenizer.vocabulary == BYTE_VOCABULARY and dm.cache.tokens.dtype == torch.uint8
     assert dm.cache.path.read_bytes() == raw  # id - 1 is the byte itself
     x, y = next(iter(dm.val_dataloader()))
-    cut = len(raw) - len(raw) // 10
+    starts = [i for i, b in enumerate(raw) if b & 0xC0 != 0x80]  # where each character begins: its lead byte
+    cut = starts[len(starts) - len(starts) // 10]  # the last tenth of the characters, not of the bytes
+    assert dm.cache.characters == len(starts) < len(raw) and dm.cuts == (cut, len(raw))
     assert torch.equal(x[0], torch.tensor(list(raw[cut : cut + 8])) + 1) and int(x.max()) == 0xFF + 1
 
 

@@ -1,5 +1,5 @@
-"""Yardsticks are each compressor's own conditional code length of the held-out split, per character or
-byte, measured once and kept beside the token cache; a damaged or stale record is measured again."""
+"""Yardsticks are each compressor's own conditional code length of the held-out split, per character whatever the
+unit, measured once and kept beside the token caches; a damaged or stale record is measured again."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def test_the_record_beside_the_token_cache_is_used_the_second_time(corpus, monke
     first = data(corpus)
     found = yardsticks(first)
     record = record_of(first)
-    assert record.name.startswith(f"{first.cache.path.stem}.yardsticks-val-18000-18000-20000")
+    assert record.name.startswith(f"{first.cache.text_key}.yardsticks-val-18000-18000-20000")
     assert json.loads(record.read_text())["versions"] == module.versions()
 
     def measured_again(data: bytes) -> bytes:
@@ -111,18 +111,20 @@ def test_a_damaged_or_stale_record_is_measured_again(corpus, damage):
     assert json.loads(record.read_text()) == kept  # written again, whole
 
 
-@pytest.mark.parametrize("unit", ["char", "byte"])
-def test_a_non_ascii_text_counts_characters_or_bytes_by_its_unit(tmp_path, unit):
+@pytest.mark.parametrize("unit, vocab_size", [("char", None), ("byte", None), ("bpe", 300)])
+def test_a_non_ascii_text_is_cut_and_counted_in_characters_whatever_the_unit(tmp_path, unit, vocab_size):
     path = tmp_path / "accents.txt"
     text = NON_ASCII * 40
     path.write_text(text, encoding="utf-8")
-    tokens = text if unit == "char" else text.encode("utf-8")
     assert len(text.encode("utf-8")) > len(text)  # characters and bytes differ
-    val_cut, _ = cuts(len(tokens))
-    held_out = tokens[val_cut:]
-    as_bytes = (lambda part: part.encode("utf-8")) if unit == "char" else (lambda part: part)
-    found = yardsticks(data(path, unit=unit))
-    assert found == expected(as_bytes(tokens[:val_cut]), as_bytes(held_out), len(held_out))
+    val_cut, _ = cuts(len(text))
+    held_out = text[val_cut:]
+    datamodule = data(path, unit=unit, vocab_size=vocab_size)
+    found = yardsticks(datamodule)
+    assert found == expected(text[:val_cut].encode(), held_out.encode(), len(held_out))
+    others = [data(path, unit=other, vocab_size=size) for other, size in (("char", None), ("byte", None))]
+    assert all(yardsticks(other) == found for other in others)  # one text, one record, whatever the unit
+    assert len(list(datamodule.cache.path.parent.glob("*.yardsticks-*.json"))) == 1
 
 
 def test_the_test_split_is_conditioned_on_the_training_text_alone(corpus):

@@ -78,6 +78,12 @@ def evaluate_checkpoint(cfg: DictConfig, out: TextIO = sys.stdout) -> Evaluation
     model, tokenizer = load_generator(path, map_location=device)
     checkpoint = load_verified(path)
     datamodule = run_data(checkpoint, path, cfg.data_path)
+    if datamodule.tokenizer.vocabulary != tokenizer.vocabulary:
+        raise UsageError(
+            f"The text {path} was trained on is tokenized here into {len(datamodule.tokenizer)} tokens, not the "
+            f"{len(tokenizer)} of its checkpoint, so it is not that text (or its token cache was made by another "
+            "tokenizer). Pass the run's own text with data_path=/path/to/text."
+        )
     span = held_out_range(datamodule, cfg.split)
     if span is None:
         raise UsageError(
@@ -88,8 +94,9 @@ def evaluate_checkpoint(cfg: DictConfig, out: TextIO = sys.stdout) -> Evaluation
     _, start, stop = span
     ids = datamodule.cache.ids(0, stop).to(device)
     began = time.perf_counter()
-    static = static_code_length(model, ids, start)
-    adaptive = adaptive_code_length(model, ids, start, adaptation) if adaptation else None
+    counts = tokenizer.characters  # characters per id: every figure is per character of the text, whatever the unit
+    static = static_code_length(model, ids, start, characters=counts)
+    adaptive = adaptive_code_length(model, ids, start, adaptation, characters=counts) if adaptation else None
     seconds = time.perf_counter() - began
     evaluation = Evaluation(
         checkpoint=shown(path),
@@ -146,10 +153,11 @@ def verdict(name: str, nats: float, yardsticks: dict[str, float]) -> str:
 
 def table(evaluation: Evaluation, datamodule: ShakespeareDataModule) -> str:
     """What the terminal shows: the text, every figure in nats and bits per character, and where the model stands."""
-    hp, unit = datamodule.hparams, "byte" if datamodule.tokenizer.unit == "byte" else "char"
+    hp, unit = datamodule.hparams, "char"
     source = hp.path or hp.file or hp.url
+    tokens = "" if hp.unit == "char" else f" in {hp.unit} tokens"
     text = (
-        f"The {SPLITS[evaluation.split]} text of {source}: {evaluation.characters:,} {unit}s "
+        f"The {SPLITS[evaluation.split]} text of {source}: {evaluation.characters:,} characters{tokens} "
         f"({evaluation.checkpoint}, step {evaluation.step:,})\n"
     )
     text += f"  {'':56} {'nats/' + unit:>10} {'bits/' + unit:>10}\n"

@@ -110,7 +110,7 @@ def resume(cfg: DictConfig, datamodule: ShakespeareDataModule) -> tuple[Path | N
     if ckpt_path is None:
         return None, None
     checkpoint = load_training_checkpoint(ckpt_path)
-    check_resumable(checkpoint, ckpt_path, cfg, datamodule.tokenizer.vocabulary)
+    check_resumable(checkpoint, ckpt_path, cfg, datamodule.tokenizer)
     return ckpt_path, checkpoint
 
 
@@ -145,6 +145,7 @@ def build_module(cfg: DictConfig, datamodule: ShakespeareDataModule) -> Shakespe
         model=OmegaConf.to_container(cfg.model, resolve=True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
+        tokenizer=datamodule.tokenizer.definition,  # a BPE's, so the checkpoint alone decodes what the model writes
     )
     log.info("model=%s", module.model)
     return module

@@ -9,13 +9,16 @@ import lightning as L
 import torch
 
 from shakespeare.data.corpus import fetch_corpus, text_files
-from shakespeare.data.token_cache import TokenCache, load_tokens
+from shakespeare.data.token_cache import BPESettings, TokenCache, character_cuts, load_tokens
 from shakespeare.data.windows import SlidingWindows, Windows
 from shakespeare.errors import UsageError
 from shakespeare.ranges import AT_LEAST_1, TORCH_SEED, Range, check_arguments
-from shakespeare.tokenizer import UNITS, Tokenizer, tokenizer_for
+from shakespeare.tokenizer import MIN_BPE_VOCABULARY, UNITS, Tokenizer, tokenizer_for
 
 SPLITS = ("contiguous", "random_windows")
+VOCABULARY_SIZE = Range(
+    MIN_BPE_VOCABULARY, means="the 256 byte values and <|pad|>, plus one token per merge; data.unit=bpe only"
+)
 
 
 class ShakespeareDataModule(L.LightningDataModule):
@@ -30,6 +33,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         file: str | None = None,
         archive_sha256: str | None = None,
         unit: Literal[UNITS] = "char",
+        vocab_size: Annotated[int, VOCABULARY_SIZE] | None = None,  # a BPE's tokens, pad and bytes included
         cache_dir: str = "~/.cache/shakespeare",
         sequence_length: Annotated[int, AT_LEAST_1] = 8,
         batch_size: Annotated[int, AT_LEAST_1] = 1024,
@@ -45,9 +49,11 @@ class ShakespeareDataModule(L.LightningDataModule):
             raise UsageError(f"data.split={split!r} is not a split; choose one of {', '.join(SPLITS)}.")
         if unit not in UNITS:
             raise UsageError(
-                f"data.unit={unit!r} is not a unit; choose char (the text's characters) or byte (its bytes)."
+                f"data.unit={unit!r} is not a unit; choose char (the text's characters), byte (its bytes) or bpe "
+                "(byte-level BPE tokens, with data.vocab_size)."
             )
         check_arguments(ShakespeareDataModule, locals(), "data")
+        check_vocab_size(unit, vocab_size)
         if val_stride is not None and split != "contiguous":
             raise UsageError(
                 f"data.val_stride={val_stride} needs data.split=contiguous: the {split} split draws its validation "
@@ -61,17 +67,27 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.save_hyperparameters(logger=False)  # the run logs its curated hyperparameters itself
         self.cache: TokenCache | None = None
         self._tokenizer: Tokenizer | None = None
-        self.cuts: tuple[int, int] | None = None  # (val_cut, test_cut): where validation and test text begin
+        self.cuts: tuple[int, int] | None = None  # (val_cut, test_cut): the tokens where validation and test begin
+        self.character_cuts: tuple[int, int] | None = None  # the same places in characters, whatever the unit
         self.train_windows = self.val_windows = self.test_windows = None
 
     def load_tokens(self) -> TokenCache:
         """The text's token cache: `data.path`'s files, or the corpus at `data.url`, which is downloaded and
         verified only if its tokens are not cached yet (they are keyed by its published SHA-256)."""
         hp = self.hparams
+        bpe = self.bpe_settings()
         if hp.path:
-            return load_tokens(text_files(hp.path), hp.unit, hp.cache_dir)
+            return load_tokens(text_files(hp.path), hp.unit, hp.cache_dir, bpe=bpe)
         fetch = lambda: [fetch_corpus(hp.url, hp.sha256, hp.cache_dir, hp.file, hp.archive_sha256)]  # noqa: E731
-        return load_tokens(fetch, hp.unit, hp.cache_dir, digests=[hp.sha256])
+        return load_tokens(fetch, hp.unit, hp.cache_dir, digests=[hp.sha256], bpe=bpe)
+
+    def bpe_settings(self) -> BPESettings | None:
+        """A BPE's size and the text it is trained on: the training text, the text before the validation split
+        (before the test split for random_windows, whose training windows are drawn from the validation text too)."""
+        hp = self.hparams
+        if hp.unit != "bpe":
+            return None
+        return BPESettings(hp.vocab_size, hp.val_fraction, hp.test_fraction, hp.split == "random_windows")
 
     def prepare_data(self) -> None:
         if self.cache is None:
@@ -90,17 +106,20 @@ class ShakespeareDataModule(L.LightningDataModule):
         if self.cache is not None:
             return
         self.cache = self.load_tokens()
-        self._tokenizer = tokenizer_for(self.cache.vocabulary)
+        self._tokenizer = tokenizer_for(self.cache.vocabulary, self.cache.definition)
         self.train_windows, self.val_windows, self.test_windows = self._split(self.cache.lengths)
 
     def _split(self, lengths: list[int]) -> tuple[Windows, Windows, Windows | None]:
-        """Training, validation and test windows: the text's last `test_fraction` is the test split, the
-        `val_fraction` before it validation (or, split=random_windows, a random tenth of the other windows)."""
+        """Training, validation and test windows: the text's last `test_fraction` of characters is the test split,
+        the `val_fraction` before it validation (or, split=random_windows, a random tenth of the other windows). The
+        text is cut at characters whatever the unit (at the token holding each cut's first byte), so char, byte and
+        BPE runs hold out the same text; a text of single-byte characters is cut where it always was."""
         hp, T = self.hparams, self.hparams.sequence_length
         bounds = [0, *itertools.accumulate(lengths)]
-        n = bounds[-1]
-        test_chars, val_chars = int(n * (hp.test_fraction or 0)), int(n * hp.val_fraction)
-        val_cut, test_cut = n - test_chars - val_chars, n - test_chars
+        n, characters = bounds[-1], self.cache.characters
+        self.character_cuts = character_cuts(characters, hp.val_fraction, hp.test_fraction)
+        val_cut, test_cut = (self.cache.token_at(cut, self._tokenizer.characters) for cut in self.character_cuts)
+        test_chars, val_chars = characters - self.character_cuts[1], self.character_cuts[1] - self.character_cuts[0]
         self.cuts = val_cut, test_cut  # the held-out texts' tokens, for whatever measures them (yardsticks)
         held_out_stride = hp.val_stride or hp.stride  # = T: every held-out character predicted once, T x cheaper
         if hp.split == "random_windows":  # the log's way: validation windows overlap training ones
@@ -115,8 +134,9 @@ class ShakespeareDataModule(L.LightningDataModule):
         if len(train) == 0 or len(val) == 0 or (hp.test_fraction and not test):
             source = hp.path or hp.file or hp.url
             tested = f" and {len(test or [])} test windows" if hp.test_fraction else ""
+            tokens = "" if hp.unit == "char" else f" ({n} {hp.unit} tokens)"
             raise UsageError(
-                f"data.sequence_length={T} is too long for {str(source)!r}: its {n} characters leave "
+                f"data.sequence_length={T} is too long for {str(source)!r}: its {characters} characters{tokens} leave "
                 f"{len(train)} training and {len(val)} validation windows{tested} (the validation split holds "
                 f"{val_chars} characters). Use a shorter data.sequence_length or a longer text."
             )
@@ -174,3 +194,18 @@ class ShakespeareDataModule(L.LightningDataModule):
         if self.test_windows is None:
             raise UsageError("There is no test split: set data.test_fraction (e.g. 0.05, the text's last 5%) to test.")
         return self._windows(self.test_windows, shuffle=False)
+
+
+def check_vocab_size(unit: str, vocab_size: int | None) -> None:
+    """A BPE needs its size, and only a BPE has one."""
+    if unit == "bpe" and vocab_size is None:
+        raise UsageError(
+            "data.unit=bpe needs data.vocab_size, the size of its vocabulary: at least 257 (the 256 byte values and "
+            "<|pad|>) plus one token per merge, e.g. data.vocab_size=512."
+        )
+    if unit != "bpe" and vocab_size is not None:
+        raise UsageError(
+            f"data.vocab_size={vocab_size} sizes a BPE vocabulary, but data.unit={unit}, whose vocabulary is the "
+            f"text's {'characters' if unit == 'char' else '256 byte values'}. Add data.unit=bpe to train one, or drop "
+            "data.vocab_size."
+        )

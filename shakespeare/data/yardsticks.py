@@ -3,17 +3,18 @@ so that a model's held-out loss reads as "worse than gzip" or "better than xz".
 
 A compressor's yardstick is the held-out text's code length conditioned on the training text: what its output
 grows by when the held-out text follows the training text, bits = 8 * (len(compress(train + held_out)) -
-len(compress(train))), given per character of the held-out text (per byte for data.unit=byte) in bits and in
-nats, the unit of the model's loss (nats = bits * ln 2).
+len(compress(train))), given per character of the held-out text in bits and in nats (nats = bits * ln 2), the unit
+every run's bits per character share, whatever its tokens (a file read as bytes counts its UTF-8 lead bytes).
 
-The held-out text is the split's own tokens, read back from the token cache (no source file is read again).
+The held-out text is the split's own tokens, read back from the token cache (no source file is read again) as the
+text's bytes; char, byte and BPE runs cut the text at the same characters, so they share one record.
 Both splits are conditioned on the text the run trains on: the text before the validation split; with
 data.split=random_windows, whose training and validation windows are drawn from the same text, all the text
 before the test split. Such a run holds no validation text out, so its validation split has no yardsticks
 (an empty list, not an error: a report of several runs simply shows none for it).
 
-Measured once per text, split and compressor versions, and kept beside the token cache in
-`<key>.yardsticks-<split>-<training end>-<held-out start>-<held-out end>.json` (token positions), with the
+Measured once per text, split and compressor versions, and kept beside the token caches in
+`<text key>.yardsticks-<split>-<training end>-<held-out start>-<held-out end>.json` (character positions), with the
 libraries' versions: written beside and renamed under a lock, so concurrent runs measure once and never see
 half a record. A record that is damaged, or made for another text, split or library version, is measured
 again, never trusted. On tinyshakespeare the five take about 3 CPU-seconds; on a 100 MB text, minutes.
@@ -46,7 +47,7 @@ from shakespeare.tokenizer import Tokenizer
 
 log = logging.getLogger("shakespeare")
 
-FORMAT = 1
+FORMAT = 2  # 2: named by the text (any unit) and its character positions
 HELD_OUT = ("val", "test")
 CHUNK = 1 << 22  # tokens turned back into text at a time: their ids (8 bytes each) never grow with the text
 
@@ -62,7 +63,7 @@ class Compressor:
 
 @dataclass(frozen=True)
 class Yardstick:
-    """A compressor's code length for a held-out text of `characters` tokens (bytes for data.unit=byte)."""
+    """A compressor's code length for a held-out text of `characters` characters."""
 
     compressor: str
     bits: int
@@ -111,13 +112,25 @@ def conditional_bits(compress: Callable[[bytes], bytes], train: bytes, held_out:
 
 
 def measure(train: bytes, held_out: bytes, characters: int) -> list[Yardstick]:
-    """Each compressor's yardstick for `held_out` (`characters` tokens long) after `train`."""
+    """Each compressor's yardstick for `held_out` (`characters` characters long) after `train`."""
     return [Yardstick(c.name, conditional_bits(c.compress, train, held_out), characters) for c in COMPRESSORS]
 
 
 def held_out_range(datamodule: ShakespeareDataModule, split: str) -> tuple[int, int, int] | None:
     """(training end, held-out start, held-out end) in token positions, the training text starting at 0;
     None for the validation split of data.split=random_windows, whose windows overlap the training ones."""
+    check_split(datamodule, split)
+    return span(datamodule.hparams.split, split, datamodule.cuts, len(datamodule.cache.tokens))
+
+
+def held_out_characters(datamodule: ShakespeareDataModule, split: str) -> tuple[int, int, int] | None:
+    """The same places as `held_out_range`, in characters of the text: the same for every unit."""
+    check_split(datamodule, split)
+    return span(datamodule.hparams.split, split, datamodule.character_cuts, datamodule.cache.characters)
+
+
+def check_split(datamodule: ShakespeareDataModule, split: str) -> None:
+    """Refuse a split that is not held out, or a test split the run has not; sets the data module up."""
     if split not in HELD_OUT:
         raise UsageError(f"split={split!r} is not a held-out split: yardsticks measure val or test.")
     datamodule.setup()
@@ -127,17 +140,25 @@ def held_out_range(datamodule: ShakespeareDataModule, split: str) -> tuple[int, 
             f"This run has no test split to measure (data.test_fraction={hp.test_fraction}). Train with "
             "data.test_fraction set (e.g. 0.05, the text's last 5%) to hold one out, or measure the validation split."
         )
-    (val_cut, test_cut), n = datamodule.cuts, sum(datamodule.cache.lengths)
-    if hp.split == "random_windows":  # its training windows span all the text before the test split
-        return None if split == "val" else (test_cut, test_cut, n)
-    return (val_cut, val_cut, test_cut) if split == "val" else (val_cut, test_cut, n)
+
+
+def span(kind: str, split: str, cuts: tuple[int, int], end: int) -> tuple[int, int, int] | None:
+    """(training end, held-out start, held-out end) of `split` of a data.split=`kind` run, given the splits' `cuts`
+    and the text's `end`."""
+    val_cut, test_cut = cuts
+    if kind == "random_windows":  # its training windows span all the text before the test split
+        return None if split == "val" else (test_cut, test_cut, end)
+    return (val_cut, val_cut, test_cut) if split == "val" else (val_cut, test_cut, end)
 
 
 def text_bytes(cache: TokenCache, tokenizer: Tokenizer, start: int, stop: int) -> bytes:
     """Tokens [start, stop) of the cache as the text's bytes: UTF-8 for characters, the bytes themselves for
-    byte tokens (id - 1 is the byte)."""
+    byte tokens (id - 1 is the byte), each BPE token's bytes."""
     if tokenizer.unit == "byte":
         decode = byte_text
+    elif tokenizer.unit == "bpe":
+        table = [tokenizer.token_bytes(i) for i in range(len(tokenizer))]
+        decode = lambda ids: b"".join(table[i] for i in ids.tolist())  # noqa: E731
     else:  # each character's code point, then UTF-8 (the pad, id 0, never occurs in a text)
         points = np.array([ord(ch) if len(ch) == 1 else 0 for ch in tokenizer.vocabulary], dtype=np.uint32)
         decode = lambda ids: points[ids.numpy()].tobytes().decode("utf-32-le").encode("utf-8")  # noqa: E731
@@ -149,8 +170,9 @@ def byte_text(ids: torch.Tensor) -> bytes:
 
 
 def record_path(cache: TokenCache, split: str, ranges: tuple[int, int, int]) -> Path:
-    """The record beside the token cache's `.bin`: named by the text (its key), the split and its positions."""
-    return cache.path.with_name(f"{cache.path.stem}.yardsticks-{split}-{'-'.join(map(str, ranges))}.json")
+    """The record beside the token caches: named by the text (its own key, whatever the unit), the split and its
+    character positions."""
+    return cache.path.with_name(f"{cache.text_key}.yardsticks-{split}-{'-'.join(map(str, ranges))}.json")
 
 
 def versions() -> dict[str, str]:
@@ -203,12 +225,12 @@ def write_record(path: Path, key: str, ranges: tuple[int, int, int], found: list
 
 def yardsticks(datamodule: ShakespeareDataModule, split: str = "val") -> list[Yardstick]:
     """Each compressor's yardstick for the data module's held-out `split` ("val" or "test"), conditioned on
-    its training text: read from the record beside the token cache, or measured once and kept there. Empty
+    its training text: read from the record beside the token caches, or measured once and kept there. Empty
     for the validation split of data.split=random_windows, which holds no text out."""
-    ranges = held_out_range(datamodule, split)
+    ranges, tokens = held_out_characters(datamodule, split), held_out_range(datamodule, split)
     if ranges is None:
         return []
-    cache, key = datamodule.cache, datamodule.cache.path.stem
+    cache, key = datamodule.cache, datamodule.cache.text_key
     path = record_path(cache, split, ranges)
     try:
         return read_record(path, key, ranges)
@@ -220,9 +242,9 @@ def yardsticks(datamodule: ShakespeareDataModule, split: str = "val") -> list[Ya
         except Stale as reason:
             if path.exists():
                 log.warning("The yardsticks record %s is %s: measuring them again.", path, reason)
-        train_end, start, stop = ranges
+        train_end, start, stop = tokens
         log.info("Measuring the %s split's yardsticks (%s) once", split, ", ".join(versions()))
         train, held_out = (text_bytes(cache, datamodule.tokenizer, a, b) for a, b in ((0, train_end), (start, stop)))
-        found = measure(train, held_out, stop - start)
+        found = measure(train, held_out, ranges[2] - ranges[1])
         write_record(path, key, ranges, found)
     return found

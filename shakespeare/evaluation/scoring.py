@@ -53,10 +53,27 @@ def segments(
         yield ids[begin : stop - 1], ids[begin + 1 : stop], stop - first
 
 
+def held_out_length(ids: torch.Tensor, start: int, characters: list[int] | None) -> tuple[int, int]:
+    """(tokens, characters) of ids[start:]: `characters` says how many characters each id holds (the tokenizer's;
+    None: one each)."""
+    tokens = len(ids) - start
+    if characters is None:
+        return tokens, tokens
+    counts = torch.tensor(characters, dtype=torch.long, device=ids.device)
+    return tokens, int(counts[ids[start:]].sum())
+
+
 @torch.no_grad()
-def static_code_length(model: ShakespeareGenerator, ids: torch.Tensor, start: int, batch_size: int = 64) -> CodeLength:
+def static_code_length(
+    model: ShakespeareGenerator,
+    ids: torch.Tensor,
+    start: int,
+    batch_size: int = 64,
+    characters: list[int] | None = None,
+) -> CodeLength:
     """The code length of ids[start:] (the held-out text; ids[:start] its context), every token predicted once
-    from the model's windows of sequence_length tokens, as validation with val_stride=sequence_length reads it."""
+    from the model's windows of sequence_length tokens, as validation with val_stride=sequence_length reads it.
+    `characters`: characters per id, so the code length reads per character of the text."""
     training = model.training
     model.eval()
     nats, T = 0.0, model.cfg.sequence_length
@@ -72,8 +89,7 @@ def static_code_length(model: ShakespeareGenerator, ids: torch.Tensor, start: in
                 nats += F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
     finally:
         model.train(training)
-    tokens = len(ids) - start
-    return CodeLength(nats, tokens, tokens)
+    return CodeLength(nats, *held_out_length(ids, start, characters))
 
 
 @dataclass(frozen=True)
@@ -123,7 +139,11 @@ def gradient_scale(
 
 
 def adaptive_code_length(
-    model: ShakespeareGenerator, ids: torch.Tensor, start: int, adaptation: Adaptation
+    model: ShakespeareGenerator,
+    ids: torch.Tensor,
+    start: int,
+    adaptation: Adaptation,
+    characters: list[int] | None = None,
 ) -> CodeLength:
     """The prequential code length of ids[start:] (ids[:start]: the training text and context before it): each
     segment scored by the model as it stands, then learned from. The model passed in is left as it was (a copy
@@ -155,5 +175,4 @@ def adaptive_code_length(
                 if adaptation.decay:
                     p.lerp_(origin, adaptation.decay)
                 p.grad = None
-    tokens = len(ids) - start
-    return CodeLength(nats, tokens, tokens)
+    return CodeLength(nats, *held_out_length(ids, start, characters))

@@ -15,7 +15,7 @@ import torch
 
 from shakespeare.errors import UsageError
 from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
-from shakespeare.tokenizer import Tokenizer, tokenizer_for
+from shakespeare.tokenizer import Tokenizer, TokenizerError, tokenizer_for
 
 BEST = Path("checkpoints") / "best.ckpt"
 EXAMPLE = "outputs/<date>/<time>_<rung>/checkpoints/best.ckpt"
@@ -91,8 +91,8 @@ def load_generator(
             f"checkpoint written by train.py, such as {EXAMPLE}."
         )
     state = {k.removeprefix(PREFIX): v for k, v in checkpoint["state_dict"].items() if k.startswith(PREFIX)}
+    tokenizer = checkpoint_tokenizer(hparams, path)
     try:
-        tokenizer = tokenizer_for(hparams["vocabulary"])  # a byte-level model's vocabulary is the 256 bytes
         model = ShakespeareGenerator(GeneratorConfig(vocab_size=len(tokenizer), **hparams["model"]))
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as err:
@@ -102,3 +102,18 @@ def load_generator(
             "retrain or pass another checkpoint."
         ) from None
     return model.to(map_location).eval(), tokenizer
+
+
+def checkpoint_tokenizer(hparams: dict, path: Path) -> Tokenizer:
+    """The tokenizer a checkpoint's hyperparameters keep: its vocabulary (characters, or the 256 bytes), and for a
+    BPE its definition (`tokenizer`, the JSON Hugging Face's tokenizers writes), refused when missing or damaged."""
+    try:
+        return tokenizer_for(hparams["vocabulary"], hparams.get("tokenizer"))
+    except (ValueError, TypeError, AttributeError) as err:  # TokenizerError is a ValueError
+        reason = (
+            str(err) if isinstance(err, TokenizerError) else "its vocabulary is damaged (it is not a list of tokens)"
+        )
+        raise UsageError(
+            f"ckpt_path={str(path)!r} cannot be read: {reason}, so the ids its model writes cannot be turned into "
+            f"text. The file was altered or damaged; retrain, or pass another checkpoint, such as {EXAMPLE}."
+        ) from None

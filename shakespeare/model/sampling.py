@@ -1,4 +1,5 @@
-"""Autoregressive sampling: a trained model writes text, one character per step, never `<|pad|>`."""
+"""Autoregressive sampling: a trained model writes text, one token (a character, a byte, a BPE token) per step, never
+`<|pad|>`; the text streams at token boundaries, a character split over several tokens once it is whole."""
 
 from __future__ import annotations
 
@@ -178,8 +179,8 @@ def stream(
     on_unknown: str = "error",
     context: str = "auto",
 ) -> Iterator[list[str]]:
-    """Sample `num_samples` continuations of `prompt` side by side; yields each step's new characters,
-    one string per sample. An empty prompt starts from the pad id, the log's "predict from empty input".
+    """Sample `num_samples` continuations of `prompt` side by side; yields each step's new text (the characters its
+    token completes: maybe none, while a character's bytes arrive), one string per sample. An empty prompt starts from the pad id, the log's "predict from empty input".
     `context` says how the model reads past its sequence_length (`next_character_reader`).
 
     The options are checked here, before the first step, so bad input fails at the call, not mid-stream.
@@ -234,7 +235,7 @@ def _steps(
             next_ids = (logits - noise).argmax(dim=-1, keepdim=True)  # (B, 1)
             ids[:, n : n + 1] = next_ids
             yield [decode(i) for decode, i in zip(decoders, next_ids.view(-1).tolist())]
-        if any(rest := [decode.flush() for decode in decoders]):  # a byte model's unfinished character
+        if any(rest := [decode.flush() for decode in decoders]):  # a byte or BPE model's unfinished character
             yield rest
     finally:
         model.train(was_training)

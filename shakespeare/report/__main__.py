@@ -17,7 +17,7 @@ from shakespeare.report.meaning import meaning_section
 from shakespeare.report.runs import load_runs
 from shakespeare.report.samples import samples_section
 from shakespeare.report.seeds import seeds_section
-from shakespeare.report.tables import budget_table, markdown_table
+from shakespeare.report.tables import budget_table, markdown_table, units_table
 
 
 def write_report(
@@ -29,7 +29,9 @@ def write_report(
     out = Path(out or folder).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)
-    if budgets := budget_table(runs, labels(runs)):
+    if units := units_table(runs):  # losses per token of different tokens do not compare: bits per character do
+        table += f"\nThe same time budget each (trainer.max_time), by tokens, on the whole held-out text:\n\n{units}"
+    elif budgets := budget_table(runs, labels(runs)):
         table += (
             "\nThe same time budget each (trainer.max_time, or equal_time.budget's steps), losses on the whole "
             f"held-out text:\n\n{budgets}"
@@ -54,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="where to write report.md and val_curves.png (default: the folder)")
     parser.add_argument("--prompt", default="", help="the prompt every run's sample continues (default: empty)")
     parser.add_argument("--seed", type=int, default=0, help="the samples' seed (default: 0)")
-    parser.add_argument("--sample-length", type=int, default=300, help="characters per sample; 0: no samples")
+    parser.add_argument(
+        "--sample-length", type=int, default=300, help="tokens per sample (characters for char runs); 0: no samples"
+    )
     parser.add_argument("--figures", metavar="DIR", help="also write attention.png and loss_by_position.png into DIR")
     args = parser.parse_args(argv)
     if args.sample_length < 0:

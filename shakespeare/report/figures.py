@@ -17,13 +17,20 @@ def labels(runs: list[Run]) -> list[str]:
     return [f"{name} ({run.name})" if names.count(name) > 1 else name for name, run in zip(names, runs)]
 
 
+def curve_tag(runs: list[Run]) -> str:
+    """What the validation curves show: the loss, or bits per character where the runs' tokens differ (losses per
+    token of different tokens do not compare)."""
+    return "val/bpc" if len({run.tokens for run in runs}) > 1 else "val/loss"
+
+
 def validation_curves(runs: list[Run]) -> tuple[str, list[tuple[str, list[int], list[float]]]]:
-    """Each run's validation losses against the epoch, or against the training step once any run validates
-    every so many steps (a time or step budget): the x axis's name, and (label, x, y) per run that has any."""
+    """Each run's validation losses (bits per character where the runs' tokens differ) against the epoch, or
+    against the training step once any run validates every so many steps (a time or step budget): the x axis's
+    name, and (label, x, y) per run that has any."""
     axis = "epoch" if all(run.by_epoch for run in runs) else "step"
-    points = []
+    points, tag = [], curve_tag(runs)
     for run, label in zip(runs, labels(runs)):
-        events = run.scalars.get("val/loss", [])
+        events = run.scalars.get(tag, [])
         if events:
             x = [steps_done(step) for step, _, _ in events] if axis == "step" else list(range(len(events)))
             points.append((label, x, [value for _, _, value in events]))
@@ -49,7 +56,7 @@ def plot_validation_curves(runs: list[Run], path: Path) -> Path:
     for label, x, y in points:
         ax.plot(x, y, marker="o", markersize=3, label=label)
     title = "Validation loss by training step" if axis == "step" else "Validation loss per epoch"
-    ax.set(xlabel=axis, ylabel="eval loss", title=title)
+    ax.set(xlabel=axis, ylabel="eval bits per character" if curve_tag(runs) == "val/bpc" else "eval loss", title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if ax.lines:

@@ -23,12 +23,13 @@ EVALUATION = "evaluation.json"  # what evaluate.py recorded in a run folder
 
 @dataclass
 class HeldOut:
-    """One held-out text (a corpus, unit and split) the runs share, and its compressors' code lengths."""
+    """One held-out text (a corpus and split, whatever the runs' units) the runs share, and its compressors' code
+    lengths."""
 
     name: str
     unit: str
     runs: list[Run] = field(default_factory=list)
-    compressors: dict[str, float] = field(default_factory=dict)  # name -> nats per character (byte)
+    compressors: dict[str, float] = field(default_factory=dict)  # name -> nats per character
     problem: str = ""
 
 
@@ -54,15 +55,17 @@ def resolved_data(recorded: str) -> dict | None:
 
 
 def held_out_texts(runs: list[Run]) -> list[HeldOut]:
-    """The runs grouped by the held-out text they were scored on, each with its compressors' code lengths (measured
-    once per text and kept beside its token cache; a text this machine cannot read gets a note instead)."""
+    """The runs grouped by the held-out text they were scored on (char, byte and BPE runs cut the text at the same
+    characters), each with its compressors' code lengths (measured once per text and kept beside its token caches;
+    a text this machine cannot read gets a note instead)."""
     texts: dict[str, HeldOut] = {}
     for run in runs:
         settings = data_settings(run)
         if settings is None or run.best_val_loss is None:
             continue
         key = json.dumps(
-            {k: settings.get(k) for k in ("path", "url", "sha256", "unit", "split", "val_fraction")}, sort_keys=True
+            {k: settings.get(k) for k in ("path", "url", "sha256", "split", "val_fraction", "test_fraction")},
+            sort_keys=True,
         )
         if key not in texts:
             texts[key] = measure(settings, run)
@@ -73,7 +76,7 @@ def held_out_texts(runs: list[Run]) -> list[HeldOut]:
 def measure(settings: dict, run: Run) -> HeldOut:
     source = settings.get("path") or settings.get("file") or "the corpus"
     name = f"{Path(source).name}, the validation split"
-    text = HeldOut(name=name, unit="byte" if settings.get("unit") == "byte" else "char")
+    text = HeldOut(name=name, unit="char")
     try:
         datamodule = ShakespeareDataModule(**settings)
         text.compressors = {stick.compressor: stick.nats_per_char for stick in yardsticks(datamodule, "val")}
@@ -114,7 +117,7 @@ def meaning_section(runs: list[Run], labels: list[str]) -> str:
         for group in configurations(text.runs, [strip_seed(label_of[id(run)]) for run in text.runs]):
             runs = list(group.runs.values())
             label = label_of[id(runs[0])] if len(runs) == 1 else f"{group.label} ({len(runs)} seeds, mean)"
-            static = mean([run.best_val_loss for run in runs])
+            static = mean([run.best_bpc * math.log(2) for run in runs])  # per character, whatever the tokens
             rows.append((static, f"{label}: best eval loss", standing(static, text.compressors)))
             adaptive = [record["prequential"] for run in runs if (record := evaluated(run)).get("prequential")]
             if adaptive:

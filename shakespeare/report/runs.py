@@ -4,6 +4,7 @@ has (its events and `.hydra/` record), so sweeps, single runs and runs that cras
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,40 @@ class Run:
     def corpus(self) -> str:
         """The data config's corpus file (`data=enwik8`: enwik8): the research log's losses are tinyshakespeare's."""
         return str(self.config.get("data", {}).get("file") or "tinyshakespeare.txt")
+
+    @property
+    def best_bpc(self) -> float | None:
+        """Bits per character of the held-out text at the best eval loss, whatever the run's unit: its `val/bpc` (a
+        run from before that was per character logged the loss / ln 2, as the figure is for characters)."""
+        val, bpc = self.scalars.get("val/loss"), self.scalars.get("val/bpc")
+        if not val:
+            return None
+        if not bpc:
+            return self.best_val_loss / math.log(2)
+        best_step = min(val, key=lambda event: event[2])[0]
+        at_best = [value for step, _, value in bpc if step == best_step]
+        return at_best[-1] if at_best else min(value for _, _, value in bpc)
+
+    @property
+    def final_bpc(self) -> float | None:
+        """Bits per character at the run's last validation (a time budget's end)."""
+        values = self.curve("val/bpc")
+        return values[-1] if values else None
+
+    @property
+    def test_bpc(self) -> float | None:
+        """best.ckpt's bits per character of the test text (`test/bpc`), when the run tested."""
+        values = self.curve("test/bpc")
+        if values:
+            return values[-1]
+        return None if self.test_loss is None else self.test_loss / math.log(2)
+
+    @property
+    def tokens(self) -> str:
+        """What the run's model reads and writes: `char`, `byte`, or `bpe 512` (data.unit, data.vocab_size)."""
+        data = self.config.get("data", {})
+        unit = str(data.get("unit") or "char")
+        return f"{unit} {data.get('vocab_size')}" if unit == "bpe" else unit
 
     @property
     def test_loss(self) -> float | None:

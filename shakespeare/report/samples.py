@@ -34,7 +34,7 @@ def samples_section(runs: list[Run], prompt: str = "", seed: int = 0, length: in
     """Markdown: every configuration's sample from the same prompt and seed, in the table's (ladder) order; of
     runs that differ only in their training seed, the first one's."""
     shown = f"the prompt {prompt!r}" if prompt else "the empty prompt"
-    text = f"## Samples\n\nEach run's best checkpoint continues {shown} with seed {seed} ({length} characters):\n"
+    text = f"## Samples\n\nEach run's best checkpoint continues {shown} with seed {seed} ({length} tokens each):\n"
     chosen, configurations = [], set()
     for run, label in zip(runs, labels(runs)):
         key = configuration_key(run) if run.config and run.checkpoint() is not None else id(run)

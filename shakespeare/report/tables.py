@@ -30,11 +30,6 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def bits(loss: float | None) -> float | None:
-    """A loss in nats as bits per character (per byte for byte-level runs): the unit the literature reports."""
-    return None if loss is None else loss / math.log(2)
-
-
 @cache
 def log_settings(rung: str) -> dict | None:
     """What defines a run of the research log's `rung` at the log's settings (experiment=ladder, or
@@ -108,8 +103,8 @@ def markdown_table(runs: list[Run]) -> str:
             run.trained,
             _number(run.best_val_loss),
             _number(PUBLISHED.get(run.rung) if matches_the_log(run) else None),
-            _number(bits(run.best_val_loss)),
-            *([_number(run.test_loss), _number(bits(run.test_loss))] if tested else []),
+            _number(run.best_bpc),
+            *([_number(run.test_loss), _number(run.test_bpc)] if tested else []),
             _number(run.seconds_per_epoch, 2),
             "-" if tokens is None else ("" if measured else "≈") + f"{tokens:,.0f}",
             run.status,
@@ -119,7 +114,9 @@ def markdown_table(runs: list[Run]) -> str:
     notes = [
         "",
         "log's eval loss: the research log's, for runs of its rungs at its settings on tinyshakespeare, measured on "
-        "its random_windows split (see README). bpc: bits per character (per byte for data.unit=byte), the loss / ln 2.",
+        "its random_windows split (see README). bpc: bits per character of the held-out text, whatever the run's "
+        "tokens (its total nats / its characters / ln 2; for characters the loss / ln 2), so runs of every data.unit "
+        "compare on it.",
     ]
     if tested:
         notes.append("test loss: best.ckpt on the text's last data.test_fraction, after the validation split.")
@@ -171,3 +168,57 @@ def budget_table(runs: list[Run], labels: list[str] | None = None) -> str:
         cells += ["-", "-", "-"] if found is None else [found.shown(), p, found.mark]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
+
+
+def unit_order(tokens: str) -> tuple[int, int]:
+    """char, byte, then BPEs by size."""
+    unit, _, size = tokens.partition(" ")
+    return ({"char": 0, "byte": 1}.get(unit, 2), int(size) if size.isdigit() else 0)
+
+
+def units_table(runs: list[Run]) -> str:
+    """The time-budget runs compared by their tokens (`python train.py -m experiment=tokenizer_ladder`), when they
+    differ: each one's bits per character of the held-out text when its time was up, how far behind the best it
+    ended, and which tokens win at equal time, and by how much. Empty when the runs share their tokens."""
+    timed = sorted(
+        (run for run in runs if run.time_budget is not None and run.final_bpc is not None),
+        key=lambda run: unit_order(run.tokens),
+    )
+    if len({run.tokens for run in timed}) < 2:
+        return ""
+    best = min(run.final_bpc for run in timed)
+    rows = [
+        "| tokens | time budget | steps | val loss at the budget (nats/token) | val bpc at the budget "
+        "| behind the best |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for run in timed:
+        step = run.steps
+        behind = run.final_bpc - best
+        cells = [
+            run.tokens,
+            f"{run.time_budget:.0f} s",
+            "-" if step is None else f"{step:,}",
+            _number(run.curve("val/loss")[-1]),
+            _number(run.final_bpc),
+            "best" if behind == 0 else f"+{behind:.4f}",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n\n" + units_verdict(timed) + "\n"
+
+
+def units_verdict(timed: list[Run]) -> str:
+    """`At equal time (120 s each), bpe 512 wins: 1.6012 bits per character, 0.0211 below char (1.6223), the
+    runner-up ...`: which tokens win, and by how much in bits per character."""
+    ranked = sorted(timed, key=lambda run: run.final_bpc)
+    winner, second = ranked[0], ranked[1]
+    budgets = {round(run.time_budget) for run in timed}
+    when = f"At equal time ({budgets.pop()} s each)" if len(budgets) == 1 else "At the runs' time budgets (they differ)"
+    text = (
+        f"{when}, **{winner.tokens}** wins: {winner.final_bpc:.4f} bits per character of the held-out text, "
+        f"{second.final_bpc - winner.final_bpc:.4f} below {second.tokens} ({second.final_bpc:.4f}), the runner-up"
+    )
+    chars = next((run for run in ranked[2:] if run.tokens == "char"), None)
+    if chars is not None:
+        text += f", and {chars.final_bpc - winner.final_bpc:.4f} below char ({chars.final_bpc:.4f})"
+    return text + "."

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from shakespeare.errors import Fault, UsageError
 from shakespeare.model.loading import Unreadable, load_verified
 from shakespeare.run.folders import newest_run, unescaped
+from shakespeare.tokenizer import Tokenizer
 from shakespeare.training.lines import budget_seconds
 
 LAST = "last.ckpt"
@@ -222,6 +223,7 @@ TRAINING_DATA_KEYS = (
     "val_fraction",
     "test_fraction",
     "unit",
+    "vocab_size",
     "seed",
 )
 
@@ -244,7 +246,7 @@ def resume_command(overrides: list[str], ckpt_path: str | Path) -> str:
     return shlex.join(["python", "train.py", *kept, f"ckpt_path={ckpt_path}"])
 
 
-def check_resumable(checkpoint: dict[str, Any], path: Path, cfg: DictConfig, vocabulary: list[str]) -> None:
+def check_resumable(checkpoint: dict[str, Any], path: Path, cfg: DictConfig, tokenizer: Tokenizer) -> None:
     """Refuse to resume a checkpoint under a config it was not trained with, or one with nothing left to do."""
     hparams, data = checkpoint["hyper_parameters"], checkpoint.get("datamodule_hyper_parameters", {})
     optimizer = dict(hparams.get("optimizer", {}))
@@ -261,8 +263,10 @@ def check_resumable(checkpoint: dict[str, Any], path: Path, cfg: DictConfig, voc
             "data",
         ),
     ]
-    if not changed and hparams.get("vocabulary") != vocabulary:
+    if not changed and hparams.get("vocabulary") != tokenizer.vocabulary:
         changed.append("the corpus (its characters differ from the ones the checkpoint was trained on)")
+    elif not changed and hparams.get("tokenizer") != tokenizer.definition:
+        changed.append("the tokenizer (its BPE differs from the one the checkpoint was trained with)")
     if changed:
         run = path.parent.parent
         overrides = run / ".hydra" / "overrides.yaml"

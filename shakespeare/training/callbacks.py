@@ -23,7 +23,7 @@ from shakespeare.training.inspection import (
     attention_maps,
     character_embeddings,
     held_out_passage,
-    token_label,
+    token_labels,
 )
 from shakespeare.training.lines import console
 
@@ -140,7 +140,8 @@ class Inspection(L.Callback):
         if not attention_layers(module.model):  # the bigram
             return
         maps = attention_maps(module.model, self.passage.to(module.device))
-        grid = attention_grid(maps, [token_label(module.tokenizer.vocabulary[i]) for i in self.passage.tolist()])
+        labels = token_labels(module.tokenizer)
+        grid = attention_grid(maps, [labels[i] for i in self.passage.tolist()])
         for writer in writers:
             writer.add_image("inspection/attention", grid, global_step=trainer.global_step, dataformats="HWC")
 
@@ -148,6 +149,6 @@ class Inspection(L.Callback):
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not self.embeddings:
             return
-        table, labels = character_embeddings(module.model, module.tokenizer.vocabulary)
+        table, labels = character_embeddings(module.model, token_labels(module.tokenizer))
         for writer in self.writers(trainer):
             writer.add_embedding(table, metadata=labels, tag="character_embeddings", global_step=trainer.global_step)

@@ -1,5 +1,5 @@
 """Looking inside a rung: what its attention heads look at in a passage, how its validation loss falls with
-the context a position sees, and where its character embeddings lie.
+the context a position sees, and where its token embeddings lie (characters, bytes or BPE tokens).
 
 Everything here reads a model without changing it: the attention weights come from a side pass over one
 passage (the fused and flash kernels never build them), the loss by position from the validation losses
@@ -19,6 +19,7 @@ from torchmetrics import Metric
 
 LOSS_BY_POSITION = "val_loss_by_position"  # TensorBoard tags val_loss_by_position/01 ... /T
 READABLE = {" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍"}  # glyphs DejaVu Sans (matplotlib's font) has
+LEFT_LABELS = 60  # pixels at most for the labels left of an attention map: longer ones are shortened
 
 
 def readable(ch: str) -> str:
@@ -35,6 +36,21 @@ def token_label(token: str) -> str:
     if byte and int(byte[1], 16) < 128:
         token = chr(int(byte[1], 16))
     return readable(token) if len(token) == 1 else token
+
+
+def bytes_label(data: bytes) -> str:
+    """A token's bytes as a label: the text they spell, made readable (` the` -> `␣the`), and bytes that are no
+    whole character (a BPE token may hold part of one) as `<0xC3>`."""
+    text = data.decode("utf-8", errors="surrogateescape")  # each undecodable byte b becomes U+DC00 + b
+    return "".join(f"<0x{ord(ch) - 0xDC00:02X}>" if 0xDC80 <= ord(ch) <= 0xDCFF else readable(ch) for ch in text)
+
+
+def token_labels(tokenizer) -> list[str]:
+    """One readable label per id of a tokenizer: a character, a byte, or a BPE token's text (`<|pad|>` as it is)."""
+    return [
+        tokenizer.vocabulary[i] if i == tokenizer.pad_id else bytes_label(tokenizer.token_bytes(i))
+        for i in range(len(tokenizer))
+    ]
 
 
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -83,7 +99,7 @@ def held_out_passage(windows: torch.Tensor, tokenizer) -> torch.Tensor:
     """A passage (T,) to show attention on, from a validation batch (B, T): the first window that starts a
     line (right after a newline, where the windows slide by one character), else the first window."""
     windows = windows.detach().cpu()
-    newline = next((i for i, token in enumerate(tokenizer.vocabulary) if token_label(token) == READABLE["\n"]), None)
+    newline = next((i for i, label in enumerate(token_labels(tokenizer)) if label == READABLE["\n"]), None)
     if newline is not None and len(windows) > 1:
         starts = windows[:, 0] == newline
         follows = starts[:-1] & ~starts[1:] & (windows[:-1, 1:] == windows[1:, :-1]).all(dim=1)
@@ -113,7 +129,8 @@ def attention_grid(maps: list[tuple[str, torch.Tensor]], labels: list[str], max_
     cell = max(1, min(max_cell, 160 // T))  # pixels per position: a map is 160-ish pixels wide
     labelled = cell >= 12
     font = label_font()
-    margin, title, gap = (14 if labelled else 4), 16, 10
+    widest = max((font.getlength(label) for label in labels), default=0) if labelled else 0
+    margin, title, gap = (min(LEFT_LABELS, max(14, round(widest) + 4)) if labelled else 4), 16, 10
     side = T * cell
     columns = max(weights.shape[0] for _, weights in maps)
     width = columns * (margin + side + gap)
@@ -130,14 +147,25 @@ def attention_grid(maps: list[tuple[str, torch.Tensor]], labels: list[str], max_
             draw.text((left, top + 1), f"{name}, head {h}" if len(weights) > 1 else name, fill="black", font=font)
             for t, label in enumerate(labels if labelled else []):
                 middle = t * cell + cell // 2
-                draw.text((left + middle, top + title + side + 1), label, fill="black", font=font, anchor="mt")
-                draw.text((left - 2, top + title + middle), label, fill="black", font=font, anchor="rm")
+                below, beside = fitted(label, cell + 2, font), fitted(label, margin - 3, font)
+                draw.text((left + middle, top + title + side + 1), below, fill="black", font=font, anchor="mt")
+                draw.text((left - 2, top + title + middle), beside, fill="black", font=font, anchor="rm")
     return np.asarray(image)
+
+
+def fitted(label: str, width: float, font) -> str:
+    """`label` shortened to `width` pixels, `…` marking the cut: a BPE token's text may be wider than its cell."""
+    if font.getlength(label) <= width:
+        return label
+    kept = label
+    while len(kept) > 1 and font.getlength(kept + "…") > width:
+        kept = kept[:-1]
+    return kept + "…"
 
 
 class LossByPosition(Metric):
     """The mean loss at each position 1..T of the window over a validation epoch, summed across
-    processes: position t predicts its character from t characters of context."""
+    processes: position t predicts its token from t tokens of context."""
 
     full_state_update = False
 
@@ -167,15 +195,14 @@ def plot_loss_by_position(ax, curves: list[tuple[str, list[float]]]) -> None:
 
     for label, values in curves:
         ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
-    ax.set(
-        xlabel="position in the window (characters of context)", ylabel="eval loss", title="Validation loss by position"
-    )
+    ax.set(xlabel="position in the window (tokens of context)", ylabel="eval loss", title="Validation loss by position")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if len(curves) > 1:
         ax.legend(fontsize="small")
 
 
-def character_embeddings(model: nn.Module, vocabulary: list[str]) -> tuple[torch.Tensor, list[str]]:
-    """The token embedding table (V, C) and one readable label per row, for TensorBoard's Projector."""
-    return model.embedding.weight.detach().float().cpu(), [token_label(token) for token in vocabulary]
+def character_embeddings(model: nn.Module, labels: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """The token embedding table (V, C) and one readable label per row (`token_labels`), for TensorBoard's
+    Projector."""
+    return model.embedding.weight.detach().float().cpu(), list(labels)

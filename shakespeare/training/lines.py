@@ -186,7 +186,8 @@ class EpochLine(L.Callback):
 class ResearchLog(L.Callback):
     """Keeps `research_log.md` in the run folder, in the research log's shape: the config, the model and
     optimizer, the epoch line's lines, the elapsed time, parameters, tokens/second, the best eval loss and the
-    test loss (with `data.test_fraction`) in nats and bits per character, and a generated sample.
+    test loss (with `data.test_fraction`) in nats and in bits per character of the held-out text, and a generated
+    sample.
 
     The file is rewritten atomically after every line of the run, so a crashed run keeps a partial entry;
     its status line says running, finished, interrupted or failed (`mark()` sets it). It reads the lines of
@@ -203,7 +204,9 @@ class ResearchLog(L.Callback):
         self.lines: list[str] = []  # the epoch line's lines, kept across resumed sessions
         self.throughputs: list[float] = []
         self.best = math.inf
+        self.best_bpc: float | None = None  # bits per character of the held-out text at the best eval loss
         self.test_loss: float | None = None
+        self.test_bpc: float | None = None
         self.unit = "epoch"  # what a line covers: an epoch, or the steps between two validations
         self._epoch_line: EpochLine | None = None
 
@@ -268,12 +271,11 @@ class ResearchLog(L.Callback):
             text += f"Throughput: {mean:,.0f} tokens/s (training, mean over {lines})\n"
         text += f"\nResult:\n{fence}\n" + "".join(line + "\n" for line in self.lines) + f"{fence}\n"
         if math.isfinite(self.best):
-            text += f"\nBest eval loss: {self.best:.4f} ({self.best / math.log(2):.4f} bits per character)\n"
+            bits = "" if self.best_bpc is None else f" ({self.best_bpc:.4f} bits per character)"
+            text += f"\nBest eval loss: {self.best:.4f}{bits}\n"
         if self.test_loss is not None:
-            text += (
-                f"Test loss: {self.test_loss:.4f} ({self.test_loss / math.log(2):.4f} bits per character; "
-                "checkpoints/best.ckpt on the test split)\n"
-            )
+            bits = "" if self.test_bpc is None else f"{self.test_bpc:.4f} bits per character; "
+            text += f"Test loss: {self.test_loss:.4f} ({bits}checkpoints/best.ckpt on the test split)\n"
         if self.sample:
             text += f"\nGeneration:\n{fence}\n---------- Predict from empty input:\n{self.sample}\n{fence}\n"
         return text
@@ -314,6 +316,7 @@ class ResearchLog(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self.best = module.val_loss_best  # written with the line the epoch line hands over next
+            self.best_bpc = module.val_bpc_best
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -325,9 +328,9 @@ class ResearchLog(L.Callback):
 
     @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        loss = trainer.callback_metrics.get("test/loss")
+        loss, bpc = trainer.callback_metrics.get("test/loss"), trainer.callback_metrics.get("test/bpc")
         if loss is not None:
-            self.test_loss = float(loss)
+            self.test_loss, self.test_bpc = float(loss), None if bpc is None else float(bpc)
             self.write()
 
     @rank_zero_only
@@ -340,11 +343,16 @@ class ResearchLog(L.Callback):
             self.mark("failed", "".join(traceback.format_exception_only(exception)).strip())
 
     def state_dict(self) -> dict:
-        return {"lines": list(self.lines), "throughputs": list(self.throughputs), "best": self.best}
+        return {
+            "lines": list(self.lines),
+            "throughputs": list(self.throughputs),
+            "best": self.best,
+            "best_bpc": self.best_bpc,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.lines, self.throughputs = list(state.get("lines", [])), list(state.get("throughputs", []))
-        self.best = state.get("best", math.inf)
+        self.best, self.best_bpc = state.get("best", math.inf), state.get("best_bpc")
 
 
 def budget(trainer: L.Trainer) -> dict:

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Timer
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 
 from shakespeare.errors import UsageError
 from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
@@ -22,20 +22,60 @@ BEST_VAL_LOSS = "hp/best_val_loss"  # the metric TensorBoard's HParams tab sets 
 TRAIN_LOSS = "train/loss"  # the mean training loss of each line: an epoch, or the steps between validations
 
 
+class TextCovered(Metric):
+    """The tokens a held-out pass predicts and the characters of the text they spell, summed over batches and
+    processes: a loss per token times tokens / characters is the loss per character."""
+
+    full_state_update = False
+
+    def __init__(self, characters: list[int]):
+        super().__init__()  # whole numbers, exact at any size, on every device (MPS has no float64)
+        self.add_state("tokens", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("characters", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.counts = torch.tensor(characters, dtype=torch.long)  # characters per id (the tokenizer's)
+
+    def update(self, targets: torch.Tensor) -> None:
+        if self.counts.device != targets.device:
+            self.counts = self.counts.to(targets.device)
+        self.tokens += targets.numel()
+        self.characters += self.counts[targets].sum()
+
+    def compute(self) -> float:
+        """Tokens per character: 1 for characters, and for bytes of a text of single-byte characters."""
+        tokens, characters = int(self.tokens), int(self.characters)
+        return tokens / characters if characters else 1.0
+
+
+def bits_per_character(loss: torch.Tensor | float, tokens_per_character: float) -> float:
+    """A held-out loss in nats per token as bits per character of the text: total nats / its characters / ln 2."""
+    return float(loss) * tokens_per_character / math.log(2)
+
+
 class ShakespeareModule(L.LightningModule):
-    """Trains a `ShakespeareGenerator` on next-character prediction.
+    """Trains a `ShakespeareGenerator` on next-token prediction.
 
     Every argument is plain data (lists, dicts, numbers, strings), so a checkpoint alone rebuilds the
-    model and the tokenizer, and loads with PyTorch's safe `weights_only` loading.
+    model and the tokenizer, and loads with PyTorch's safe `weights_only` loading: a BPE's tokenizer is its
+    JSON definition (`tokenizer`; None for characters and bytes, whose vocabulary says everything).
     """
 
-    def __init__(self, vocabulary: list[str], model: dict, optimizer: dict, scheduler: dict | None = None):
+    def __init__(
+        self,
+        vocabulary: list[str],
+        model: dict,
+        optimizer: dict,
+        scheduler: dict | None = None,
+        tokenizer: str | None = None,
+    ):
         super().__init__()
         if scheduler:
             check_scheduler(scheduler)
         self.save_hyperparameters(logger=False)  # the run logs its curated hyperparameters itself
-        self.tokenizer = tokenizer_for(vocabulary)  # the 256 bytes, or the text's characters
+        self.tokenizer = tokenizer_for(vocabulary, tokenizer)  # the 256 bytes, a BPE, or the text's characters
         self.model = ShakespeareGenerator(GeneratorConfig(vocab_size=len(vocabulary), **model))
+        self.val_text, self.test_text = TextCovered(self.tokenizer.characters), TextCovered(self.tokenizer.characters)
+        self.val_bpc: float | None = None  # the last validation's bits per character
+        self.val_bpc_best: float | None = None  # at the lowest validation loss (they fall together)
         # the training loss since the last line (an epoch, or the steps since the last validation): ~0.1 ms a step,
         # where self.log costs ~1 ms a call; its mean is `train_loss_mean` once the interval closes
         self.train_loss = MeanMetric()
@@ -60,37 +100,45 @@ class ShakespeareModule(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         losses = self.model.losses(*batch)  # (B, T)
         self.val_loss_by_position.update(losses)
+        self.val_text.update(batch[1])
         loss = losses.mean()
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model.loss(*batch)
+        self.test_text.update(batch[1])
         self.log("test/loss", loss, on_epoch=True, sync_dist=True)
         return loss
 
     def on_test_epoch_end(self) -> None:
+        tokens_per_character = self.test_text.compute() if self.test_text.update_count else 1.0  # all ranks call it
+        self.test_text.reset()
         loss = self.trainer.callback_metrics.get("test/loss")
         if loss is not None:
-            self.log("test/bpc", loss / math.log(2), sync_dist=True)
+            self.log("test/bpc", bits_per_character(loss, tokens_per_character), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        """Log `val/bpc` (the loss in bits per character, the unit the literature reports); track the lowest
-        validation loss so far, `val/loss_best` (what sweeps minimise, and TensorBoard's HParams metric); log the
-        validation loss at each position of the window, as `val_loss_by_position/<t>`; close the training interval."""
+        """Log `val/bpc` (the loss in bits per character of the held-out text, whatever the unit: the unit the
+        literature reports, and the one runs of every unit share); track the lowest validation loss so far,
+        `val/loss_best` (what sweeps minimise, and TensorBoard's HParams metric); log the validation loss at each
+        position of the window, as `val_loss_by_position/<t>`; close the training interval."""
         if self.val_loss_by_position.update_count:
             self.loss_by_position = self.val_loss_by_position.compute().tolist()  # summed over ranks: all call it
             self.val_loss_by_position.reset()
+        tokens_per_character = self.val_text.compute() if self.val_text.update_count else 1.0  # the same: all call it
+        self.val_text.reset()
         loss = self.trainer.callback_metrics.get("val/loss")  # this validation's, already averaged over ranks
         if self.trainer.sanity_checking or loss is None:
             return
-        self.log("val/bpc", loss / math.log(2), sync_dist=True)  # nats / ln 2
+        self.val_bpc = bits_per_character(loss, tokens_per_character)  # nats / ln 2 for characters
+        self.log("val/bpc", self.val_bpc, sync_dist=True)
         tags = position_tags(len(self.loss_by_position), LOSS_BY_POSITION)
         for logger in self.loggers:  # T values as one logger call: T calls of self.log would cost ~T ms
             logger.log_metrics(dict(zip(tags, self.loss_by_position)), step=self.global_step)
         self.val_loss_improved = float(loss) < self.val_loss_best
         if self.val_loss_improved:
-            self.val_loss_best = float(loss)
+            self.val_loss_best, self.val_bpc_best = float(loss), self.val_bpc
             for logger in self.loggers:
                 logger.log_metrics({BEST_VAL_LOSS: self.val_loss_best}, step=self.global_step)
         self.log("val/loss_best", self.val_loss_best, sync_dist=True, logger=False)  # for sweepers; equal on all ranks
@@ -111,6 +159,7 @@ class ShakespeareModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["val_loss_best"] = self.val_loss_best
+        checkpoint["val_bpc_best"] = self.val_bpc_best
         # the open training interval, summed over every process (all save at the same step), so a resumed run's
         # next line averages the steps before the interruption too
         state = torch.stack([self.train_loss.mean_value, self.train_loss.weight]).float()
@@ -118,6 +167,7 @@ class ShakespeareModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.val_loss_best = checkpoint.get("val_loss_best", math.inf)
+        self.val_bpc_best = checkpoint.get("val_bpc_best")
         total, weight = checkpoint.get("train_loss_interval", (0.0, 0.0))
         self.train_loss.reset()
         if weight and (self._trainer is None or self.trainer.global_rank == 0):  # once: the sum covers every process
