@@ -47,6 +47,7 @@ def step_times(monkeypatch):
     return times
 
 
+@pytest.mark.slow
 def test_the_budget_buys_the_steps_the_quiet_reference_would_scaled_by_this_rungs_speed(step_times, tiny_cfg):
     cfg = tiny_cfg(*EQUAL_TIME, "+callbacks.slow._target_=tests.test_calibration.Slow")
     fit(cfg)  # 4 s at 0.1 s a reference step buy 40 reference steps; this rung's steps take twice as long: 20
@@ -57,6 +58,7 @@ def test_the_budget_buys_the_steps_the_quiet_reference_would_scaled_by_this_rung
     assert last == 20  # every step trained, though each took longer than the calibration measured
 
 
+@pytest.mark.slow
 def test_a_busy_machine_later_changes_the_ratio_not_the_quiet_reference(step_times, tiny_cfg, tmp_path):
     fit(tiny_cfg(*EQUAL_TIME))  # measures the reference's quiet step: 0.1 s, kept in the cache
     step_times.update(reference=0.3, run=0.6)  # a neighbour slows both sides alike

@@ -105,6 +105,7 @@ def random_text(vocabulary: list[str], n: int, seed: int = 0) -> bytes:
     return "".join(rng.choice(vocabulary) for _ in range(n)).encode("utf-8")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rung, rule", [("slide", "slide"), ("crop", "crop")])
 def test_texts_round_trip_exactly_under_both_context_rules(models, rung, rule, tmp_path):
     real = write_corpus(tmp_path / "held_out.txt", n_chars=2_000, seed=1).read_bytes()  # past the context many times
@@ -159,6 +160,7 @@ def cropped_code_length(model: ShakespeareGenerator, ids: torch.Tensor) -> float
     return bits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rung", ["crop", "slide"])
 def test_the_file_is_within_1_percent_of_the_models_own_code_length(models, rung, tmp_path):
     text = write_corpus(tmp_path / "held_out.txt", n_chars=5_000, seed=2)
@@ -284,6 +286,7 @@ def altered(data: bytes, payload: bytes) -> bytes:
     return head + hashlib.sha256(head + payload).digest() + payload
 
 
+@pytest.mark.slow
 def test_a_payload_altered_behind_the_checksum_fails_the_texts_sha256_and_writes_nothing(models, tmp_path):
     packed, original = compressed_file(models, tmp_path)
     data = packed.read_bytes()

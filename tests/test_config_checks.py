@@ -77,6 +77,7 @@ from tests.harness import ROOT, compose_train, run_train, write_corpus
         ),
     ],
 )
+@pytest.mark.slow
 def test_bad_config_values_are_named_before_training(overrides, message, tiny_cfg):
     cfg = tiny_cfg(*overrides)
     with pytest.raises(UsageError, match=message):
@@ -139,6 +140,7 @@ def test_resuming_under_another_config_names_the_differences(tiny_cfg):
         )
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_how_to_train_longer(tiny_cfg):
     run = train_once(tiny_cfg, "trainer.max_epochs=1")
     with pytest.raises(UsageError, match=r"already trained its 1 epochs.*trainer.max_epochs=2"):
@@ -290,6 +292,7 @@ def group_options() -> list[tuple[str, str]]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group, option", group_options())
 def test_every_option_a_group_offers_composes_a_whole_run(group, option, tmp_path):
     """An option is a whole (a rung, a trainer), never a part that would replace the rest of its group: with any

@@ -60,6 +60,7 @@ def test_big_blocks_are_reused_without_page_faults():
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 2 * pages
 
 
+@pytest.mark.slow
 def test_cpu_speedrun_validates_at_its_last_step(tiny_cfg):
     cfg = tiny_cfg(
         "experiment=cpu_speedrun", "trainer.max_steps=4", "trainer.val_check_interval=2", "data.batch_size=8"

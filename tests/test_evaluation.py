@@ -90,6 +90,7 @@ def test_learning_as_it_reads_lowers_the_code_length_of_a_repetitive_text(step):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # the model passed in is untouched
 
 
+@pytest.mark.slow
 def test_evaluate_prints_and_records_static_adaptive_and_the_compressors(run):
     out = io.StringIO()
     evaluation = evaluate_checkpoint(compose_evaluate(f"ckpt_path={run}", "adapt=true", "threads=1"), out)
@@ -142,6 +143,7 @@ def test_an_adaptation_that_throws_the_weights_off_is_refused_naming_the_rate():
         adaptive_code_length(model, ids, 300, Adaptation(lr=1e6, segment=8))
 
 
+@pytest.mark.slow
 def test_the_report_puts_each_run_on_the_compressors_scale(run):
     from shakespeare.report.__main__ import write_report
 

@@ -103,6 +103,7 @@ def test_a_sample_is_logged_to_tensorboard_every_epoch_and_printed_at_the_end(ru
     assert f"Generation:\n---------- Predict from empty input:\n{text}\n" in run.stdout
 
 
+@pytest.mark.slow
 def test_the_sample_callback_leaves_training_randomness_alone(tiny_cfg):
     with_samples = fit(tiny_cfg("model=block_norm_dropout"))
     without = fit(tiny_cfg("model=block_norm_dropout", "~callbacks.generation_sample"))

@@ -57,6 +57,7 @@ def runs(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_report_lists_every_run_with_its_figures_and_status(runs, tmp_path, capsys):
     assert main([str(runs), "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -213,6 +214,7 @@ def composed(*overrides: str) -> dict:
         (["experiment=ladder", "model=bigram", "data=text8"], False),  # another corpus
     ],
 )
+@pytest.mark.slow
 def test_the_logs_eval_loss_stands_only_beside_runs_at_its_settings(overrides, shown):
     from shakespeare.report.tables import markdown_table
 

@@ -69,6 +69,7 @@ def expected_learning_rates(lr: float, steps: range, warmup_steps: int = 2) -> l
     return [lr * warmup_cosine(n, float("inf"), warmup_steps, 0.1, time_spent=n / BUDGET) for n in steps]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_time", [f"00:00:00:{BUDGET:02d}", f"{{seconds:{BUDGET}}}"])
 def test_the_learning_rate_follows_the_elapsed_fraction_of_max_time_and_ends_annealed(
     max_time, clock, corpus, tmp_path
@@ -142,6 +143,7 @@ def test_time_spent_counts_in_the_cosine_once_past_the_warm_up():
 LADDER_RUNGS = ["block_norm_dropout", "rmsnorm", "rope", "relu2", "qk_norm", "muon"]
 
 
+@pytest.mark.slow
 def test_the_modern_ladder_sweeps_every_rung_from_block_norm_dropout_up_for_one_budget(tmp_path):
     sweep = compose_train(tmp_path, ["experiment=modern_ladder"]).hydra.sweeper.params
     assert sweep["rung"].split(",") == LADDER_RUNGS

@@ -26,6 +26,7 @@ from tests.harness import (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rung", RUNGS)
 def test_every_rung_trains_and_fills_its_run_folder(rung, tiny_cfg, capsys):
     cfg = tiny_cfg(f"model={rung}")
@@ -39,6 +40,7 @@ def test_every_rung_trains_and_fills_its_run_folder(rung, tiny_cfg, capsys):
     assert "Training completed. Elapsed time: " in out
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(tiny_cfg):
     before = fit(tiny_cfg("model=head", "trainer.max_epochs=1", "trainer.limit_train_batches=1"))["val/loss"]
     after = fit(tiny_cfg("model=head", "trainer.max_epochs=3", "trainer.limit_train_batches=40", "optimizer.lr=0.01"))
@@ -141,6 +143,7 @@ def test_the_users_sweep_trains_one_model_per_job_whose_folder_pastes_back_unquo
         ["optimizer=adamw", "optimizer.lr=3e-4", "trainer.precision=bf16-mixed", "scheduler=warmup_cosine"],
     ],
 )
+@pytest.mark.slow
 def test_a_sweep_job_folder_pastes_unquoted_into_ckpt_path(overrides, tmp_path):
     """The folder name a -m sweep gives a job parses back as a plain value for train.py and generate.py."""
     job = compose_train(tmp_path, [o.split(",")[0] for o in overrides])  # the first job of the sweep
