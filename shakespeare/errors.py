@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 
@@ -40,3 +45,16 @@ def speaks(err: BaseException) -> bool:
     """Whether this process prints `err`: rank 0, or the process the error chose (a survivor of a lost rank 0)."""
     speaker = getattr(err, "speaker", None)
     return (rank_zero_only.rank == 0) if speaker is None else speaker
+
+
+@contextmanager
+def explained_exit() -> Iterator[None]:
+    """A command's body: a UsageError is its one paragraph on the log and exit 2; Ctrl-C ends the line and exits 130."""
+    try:
+        yield
+    except UsageError as err:
+        logging.getLogger("shakespeare").error("%s", err)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(flush=True)
+        sys.exit(130)

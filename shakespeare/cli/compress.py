@@ -14,7 +14,7 @@ from typing import Literal, TextIO
 import hydra
 from omegaconf import DictConfig
 
-from shakespeare.errors import UsageError
+from shakespeare.errors import UsageError, explained_exit
 from shakespeare.evaluation.coding import SUFFIX, Outcome, check_paths, compress_file, decompress_file
 from shakespeare.model.loading import load_generator, resolve_checkpoint
 from shakespeare.model.sampling import CONTEXTS
@@ -104,11 +104,5 @@ def compress() -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compress")
 def run(cfg: DictConfig) -> None:
     """`python compress.py ckpt_path=... input=... output=... [mode=decompress]`."""
-    try:
+    with explained_exit():
         code(cfg)
-    except UsageError as err:
-        log.error("%s", err)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(flush=True)
-        sys.exit(130)

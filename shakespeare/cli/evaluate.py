@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from shakespeare.data.datamodule import ShakespeareDataModule
 from shakespeare.data.yardsticks import held_out_range, yardsticks
-from shakespeare.errors import UsageError
+from shakespeare.errors import UsageError, explained_exit
 from shakespeare.evaluation.scoring import Adaptation, adaptive_code_length, static_code_length
 from shakespeare.model.loading import load_generator, load_verified, resolve_checkpoint
 from shakespeare.ranges import ranges_of
@@ -230,10 +230,5 @@ def evaluate() -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def run(cfg: DictConfig) -> None:
     """`python evaluate.py ckpt_path=... [adapt=true]`."""
-    try:
+    with explained_exit():
         evaluate_checkpoint(cfg)
-    except UsageError as err:
-        log.error("%s", err)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)

@@ -14,7 +14,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from shakespeare.errors import UsageError
+from shakespeare.errors import UsageError, explained_exit
 from shakespeare.model.loading import load_generator
 from shakespeare.model.sampling import ON_UNKNOWN, Seed, check_options, stream
 from shakespeare.ranges import ranges_of, rule_of
@@ -95,13 +95,8 @@ def generate() -> None:
 def run(cfg: DictConfig) -> None:
     """`python generate.py ckpt_path=... prompt=...`: stream a trained model's text to the terminal."""
     try:
-        write_samples(cfg)
-    except UsageError as err:
-        log.error("%s", err)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(flush=True)
-        sys.exit(130)
+        with explained_exit():
+            write_samples(cfg)
     except BrokenPipeError:  # e.g. `python generate.py ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
