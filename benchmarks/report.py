@@ -5,7 +5,8 @@
 Trains the sweep first (tiny runs: four rungs, three learning rates, three seeds, a few batches each; about five
 minutes on 2 cores; --folder keeps it there and a second call reuses it), then times the whole report command as users type it, `python -m shakespeare.report <sweep>` (its
 table, seed statistics, yardsticks, plot and one sample per configuration), best of --repeats, with the load
-average, and what start-up and the imports alone take (Lightning's import is most of it). Target: under 5 s.
+average, and what start-up and the imports alone take (torch's is most of it; the report never imports Lightning).
+Target: under 5 s.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="yardsticks-") as cache:
         fractions = {"val_fraction": args.val_fraction, "test_fraction": args.test_fraction}
         data = ShakespeareDataModule(path=str(text), cache_dir=cache, unit=args.unit, **fractions)
-        train_end, start, stop = module.held_out_range(data, args.split)
+        train_end, start, stop = module.held_out_range(data.text, args.split)
         train, held_out = (
             module.text_bytes(data.cache, data.tokenizer, a, b) for a, b in ((0, train_end), (start, stop))
         )
@@ -92,7 +92,7 @@ def main() -> None:
         record = module.record_path(data.cache, args.split, (train_end, start, stop))
         module.write_record(record, data.cache.path.stem, (train_end, start, stop), found)
         wall = time.perf_counter()
-        again = module.yardsticks(ShakespeareDataModule(**data.hparams), args.split)
+        again = module.yardsticks(ShakespeareDataModule(**data.hparams).text, args.split)
         print(
             f"yardsticks() from the record {record.name}: {time.perf_counter() - wall:.2f} s (a fresh data module's "
             f"setup included), {'the same figures' if again == found else 'OTHER FIGURES'}; {load()}"

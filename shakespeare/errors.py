@@ -7,8 +7,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
 
 class UsageError(Exception):
     """A bad config value, file, prompt or checkpoint. The message names the value and the fix."""
@@ -44,7 +42,11 @@ EXPLAINED = (UsageError, Fault)  # errors shown as their message alone
 def speaks(err: BaseException) -> bool:
     """Whether this process prints `err`: rank 0, or the process the error chose (a survivor of a lost rank 0)."""
     speaker = getattr(err, "speaker", None)
-    return (rank_zero_only.rank == 0) if speaker is None else speaker
+    if speaker is not None:
+        return speaker
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only  # only a run's errors get here: Lightning is in
+
+    return rank_zero_only.rank == 0
 
 
 @contextmanager

@@ -17,7 +17,6 @@ from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
 from shakespeare.model.sampling import fuse_heads
 from shakespeare.tokenizer import ByteTokenizer, CharTokenizer
 from shakespeare.training.inspection import (
-    LOSS_BY_POSITION,
     LossByPosition,
     attention_layers,
     attention_maps,
@@ -25,6 +24,7 @@ from shakespeare.training.inspection import (
     position_tags,
     token_label,
 )
+from shakespeare.training.tags import LOSS_BY_POSITION
 from tests.harness import tensorboard
 
 RUNGS = {  # the rung settings that change where attention sits

@@ -88,7 +88,8 @@ def test_help_of_both_commands(script, first, groups, tmp_path):
 
 
 def test_the_ladder_lists_every_rung_each_after_the_one_it_extends():
-    from shakespeare.run.checks import LADDER, ladder_position
+    from shakespeare.run.checks import ladder_position
+    from shakespeare.run.composition import LADDER
 
     models = sorted(path.stem for path in (ROOT / "conf" / "model").glob("*.yaml"))
     assert sorted(set(LADDER) & set(models)) == models  # every model config is a rung of it

@@ -7,6 +7,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -20,7 +22,7 @@ from shakespeare.report.figures import labels, validation_curves, write_figures
 from shakespeare.report.runs import Run, load_runs
 from shakespeare.report.samples import samples_section
 from shakespeare.run.composition import CONFIG_DIR
-from shakespeare.training.lines import ELAPSED
+from shakespeare.training.tags import ELAPSED
 from tests.harness import ROOT, RUNGS, compose_train, train_like_hydra, write_corpus
 
 TINY = [
@@ -262,6 +264,37 @@ def test_runs_that_would_share_a_legend_label_are_told_apart():
     two = Run(path=Path("x/1_a"), name="1_a", config={"model": {"name": "bigram"}}, overrides=["seed=1"])
     three = Run(path=Path("x/2_b"), name="2_b", config={"model": {"name": "head"}}, overrides=["seed=1"])
     assert labels([one, two, three]) == ["bigram (0_a)", "bigram (1_a)", "head"]
+
+
+def test_a_configurations_seeds_share_one_colour_and_one_legend_entry():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from shakespeare.report.figures import plot_by_configuration
+
+    curves = [(f"{rung} seed={seed}", [0, 1], [2.0 + seed, 1.0]) for rung in ("head", "block") for seed in (1, 2, 3)]
+    fig, ax = plt.subplots()
+    plot_by_configuration(ax, [*curves, ("bigram seed=1", [0, 1], [3.0, 2.5])])
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == [
+        "head (3 seeds)",
+        "block (3 seeds)",
+        "bigram seed=1",
+    ]
+    assert len(ax.lines) == 7 and len({line.get_color() for line in ax.lines}) == 3
+    plt.close(fig)
+
+
+def test_the_report_starts_without_lightning():
+    """The report reads run folders and samples checkpoints: Lightning's import (seconds) is for training."""
+    script = (
+        "import sys\n"
+        "import shakespeare.report.__main__\n"
+        "loaded = [name for name in ('lightning', 'torchmetrics', 'scipy.stats') if name in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT)
 
 
 def test_report_samples_on_one_thread_and_says_which_run_it_samples(runs, monkeypatch, capsys):

@@ -15,8 +15,9 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from shakespeare.cli.train import fit, hyperparameters
 from shakespeare.errors import Interrupted
-from shakespeare.training.lines import TOKENS_PER_SECOND, ResearchLog, epoch_line
+from shakespeare.training.lines import ResearchLog, epoch_line
 from shakespeare.training.module import BEST_VAL_LOSS, TRAIN_LOSS
+from shakespeare.training.tags import TOKENS_PER_SECOND
 from tests.harness import tensorboard
 
 

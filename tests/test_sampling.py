@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -16,7 +19,7 @@ from shakespeare.model.sampling import (
 )
 from shakespeare.model.sliding_window import SlidingWindow
 from shakespeare.tokenizer import PAD, CharTokenizer
-from tests.harness import ROTARY_RUNGS, compose_train, rotary_model
+from tests.harness import ROOT, ROTARY_RUNGS, compose_train, rotary_model
 
 TOKENIZER = CharTokenizer.from_text("ROMEO:\nJULIET: the king my lord, good sweet love!")
 
@@ -155,6 +158,21 @@ def test_next_character_is_the_models_last_position_in_fewer_steps(rung, overrid
     for length in (1, T // 2, T):
         idx = torch.randint(1, 66, (3, length))
         torch.testing.assert_close(next_character(idx), model(idx)[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_building_the_fused_twin_imports_no_compiler(tmp_path):
+    """The twin's random start (drawn, then dropped) must not go through torch._dynamo: built on the meta device,
+    an embedding's normal_ imported it, a second and a half of every generate.py and report."""
+    script = (
+        "import sys, torch\n"
+        "from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator\n"
+        "from shakespeare.model.sampling import NextCharacter\n"
+        "cfg = GeneratorConfig(vocab_size=66, attention='multihead', embedding_size=16, num_heads=2, residual=True,"
+        " layer_norm=True, num_blocks=1, sequence_length=8)\n"
+        "NextCharacter(ShakespeareGenerator(cfg).eval())\n"
+        "assert 'torch._dynamo' not in sys.modules, 'the fused twin imported torch._dynamo'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT)
 
 
 def sliding_window_reference(model: ShakespeareGenerator, idx: torch.Tensor) -> torch.Tensor:

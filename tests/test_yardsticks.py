@@ -57,7 +57,7 @@ def record_of(datamodule: ShakespeareDataModule) -> Path:
 def test_each_yardstick_is_the_compressors_own_conditional_code_length(corpus):
     text = corpus.read_bytes()
     val_cut, _ = cuts(len(text))
-    found = yardsticks(data(corpus))
+    found = yardsticks(data(corpus).text)
     assert found == expected(text[:val_cut], text[val_cut:], len(text) - val_cut)
     assert [y.compressor for y in found] == list(DIRECT)
     for y in found:
@@ -69,7 +69,7 @@ def test_each_yardstick_is_the_compressors_own_conditional_code_length(corpus):
 
 def test_the_record_beside_the_token_cache_is_used_the_second_time(corpus, monkeypatch):
     first = data(corpus)
-    found = yardsticks(first)
+    found = yardsticks(first.text)
     record = record_of(first)
     assert record.name.startswith(f"{first.cache.text_key}.yardsticks-val-18000-18000-20000")
     assert json.loads(record.read_text())["versions"] == module.versions()
@@ -79,7 +79,7 @@ def test_the_record_beside_the_token_cache_is_used_the_second_time(corpus, monke
 
     failing = [dataclasses.replace(c, compress=measured_again) for c in module.COMPRESSORS]  # same names, versions
     monkeypatch.setattr(module, "COMPRESSORS", tuple(failing))
-    assert yardsticks(data(corpus)) == found
+    assert yardsticks(data(corpus).text) == found
     assert not list(record.parent.glob("*.part"))
 
 
@@ -89,7 +89,7 @@ def test_the_record_beside_the_token_cache_is_used_the_second_time(corpus, monke
 )
 def test_a_damaged_or_stale_record_is_measured_again(corpus, damage):
     datamodule = data(corpus)
-    found = yardsticks(datamodule)
+    found = yardsticks(datamodule.text)
     record = record_of(datamodule)
     kept = json.loads(record.read_text())
     if damage == "cut short":
@@ -107,7 +107,7 @@ def test_a_damaged_or_stale_record_is_measured_again(corpus, damage):
         else:
             changed["yardsticks"][0]["bits"] = "12"
         record.write_text(json.dumps(changed))
-    assert yardsticks(data(corpus)) == found
+    assert yardsticks(data(corpus).text) == found
     assert json.loads(record.read_text()) == kept  # written again, whole
 
 
@@ -120,10 +120,10 @@ def test_a_non_ascii_text_is_cut_and_counted_in_characters_whatever_the_unit(tmp
     val_cut, _ = cuts(len(text))
     held_out = text[val_cut:]
     datamodule = data(path, unit=unit, vocab_size=vocab_size)
-    found = yardsticks(datamodule)
+    found = yardsticks(datamodule.text)
     assert found == expected(text[:val_cut].encode(), held_out.encode(), len(held_out))
     others = [data(path, unit=other, vocab_size=size) for other, size in (("char", None), ("byte", None))]
-    assert all(yardsticks(other) == found for other in others)  # one text, one record, whatever the unit
+    assert all(yardsticks(other.text) == found for other in others)  # one text, one record, whatever the unit
     assert len(list(datamodule.cache.path.parent.glob("*.yardsticks-*.json"))) == 1
 
 
@@ -132,22 +132,22 @@ def test_the_test_split_is_conditioned_on_the_training_text_alone(corpus):
     val_cut, test_cut = cuts(len(text), 0.1, 0.05)
     datamodule = data(corpus, test_fraction=0.05)
     assert datamodule.setup() is None and datamodule.cuts == (val_cut, test_cut)
-    assert yardsticks(datamodule, "test") == expected(text[:val_cut], text[test_cut:], len(text) - test_cut)
-    assert yardsticks(datamodule) == expected(text[:val_cut], text[val_cut:test_cut], test_cut - val_cut)
+    assert yardsticks(datamodule.text, "test") == expected(text[:val_cut], text[test_cut:], len(text) - test_cut)
+    assert yardsticks(datamodule.text) == expected(text[:val_cut], text[val_cut:test_cut], test_cut - val_cut)
     assert len(list(datamodule.cache.path.parent.glob("*.yardsticks-*.json"))) == 2  # one record per split
 
 
 def test_random_windows_hold_out_no_validation_text_but_their_test_split_has_yardsticks(corpus):
     text = corpus.read_bytes()
     datamodule = data(corpus, split="random_windows", test_fraction=0.05)
-    assert yardsticks(datamodule) == []
+    assert yardsticks(datamodule.text) == []
     assert not list(datamodule.cache.path.parent.glob("*.yardsticks-*"))  # nothing measured, nothing kept
     _, test_cut = cuts(len(text), 0.1, 0.05)  # its training windows span all the text before the test split
-    assert yardsticks(datamodule, "test") == expected(text[:test_cut], text[test_cut:], len(text) - test_cut)
+    assert yardsticks(datamodule.text, "test") == expected(text[:test_cut], text[test_cut:], len(text) - test_cut)
 
 
 def test_a_run_without_a_test_split_or_another_split_name_is_refused(corpus):
     with pytest.raises(UsageError, match=r"no test split .*data.test_fraction=None.* data.test_fraction set"):
-        yardsticks(data(corpus), "test")
+        yardsticks(data(corpus).text, "test")
     with pytest.raises(UsageError, match=r"split='train' is not a held-out split: .* val or test"):
-        yardsticks(data(corpus), "train")
+        yardsticks(data(corpus).text, "train")

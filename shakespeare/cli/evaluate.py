@@ -84,7 +84,7 @@ def evaluate_checkpoint(cfg: DictConfig, out: TextIO = sys.stdout) -> Evaluation
             f"{len(tokenizer)} of its checkpoint, so it is not that text (or its token cache was made by another "
             "tokenizer). Pass the run's own text with data_path=/path/to/text."
         )
-    span = held_out_range(datamodule, cfg.split)
+    span = held_out_range(datamodule.text, cfg.split)
     if span is None:
         raise UsageError(
             f"{path} was trained on data.split=random_windows, whose validation windows overlap its training "
@@ -106,7 +106,7 @@ def evaluate_checkpoint(cfg: DictConfig, out: TextIO = sys.stdout) -> Evaluation
         static=static.nats_per_char,
         prequential=adaptive.nats_per_char if adaptive else None,
         adaptation=asdict(adaptation) if adaptation else None,
-        yardsticks={stick.compressor: stick.nats_per_char for stick in yardsticks(datamodule, cfg.split)},
+        yardsticks={stick.compressor: stick.nats_per_char for stick in yardsticks(datamodule.text, cfg.split)},
         seconds=seconds,
         date=time.strftime("%Y-%m-%d %H:%M"),
     )

@@ -8,12 +8,12 @@ from typing import Annotated, Literal
 import lightning as L
 import torch
 
-from shakespeare.data.corpus import fetch_corpus, text_files
-from shakespeare.data.token_cache import BPESettings, TokenCache, character_cuts, load_tokens
+from shakespeare.data.text import SplitText
+from shakespeare.data.token_cache import TokenCache
 from shakespeare.data.windows import SlidingWindows, Windows
 from shakespeare.errors import UsageError
 from shakespeare.ranges import AT_LEAST_1, TORCH_SEED, Range, check_arguments
-from shakespeare.tokenizer import MIN_BPE_VOCABULARY, UNITS, Tokenizer, tokenizer_for
+from shakespeare.tokenizer import MIN_BPE_VOCABULARY, UNITS, Tokenizer
 
 SPLITS = ("contiguous", "random_windows")
 VOCABULARY_SIZE = Range(
@@ -65,62 +65,53 @@ class ShakespeareDataModule(L.LightningDataModule):
                 f"{val_fraction}: their sum must be below 1, e.g. data.test_fraction=0.05; null: no test split."
             )
         self.save_hyperparameters(logger=False)  # the run logs its curated hyperparameters itself
-        self.cache: TokenCache | None = None
-        self._tokenizer: Tokenizer | None = None
-        self.cuts: tuple[int, int] | None = None  # (val_cut, test_cut): the tokens where validation and test begin
-        self.character_cuts: tuple[int, int] | None = None  # the same places in characters, whatever the unit
+        self.text = SplitText(
+            path, url, sha256, file, archive_sha256, unit, vocab_size, cache_dir, split, val_fraction, test_fraction
+        )
         self.train_windows = self.val_windows = self.test_windows = None
 
-    def load_tokens(self) -> TokenCache:
-        """The text's token cache: `data.path`'s files, or the corpus at `data.url`, which is downloaded and
-        verified only if its tokens are not cached yet (they are keyed by its published SHA-256)."""
-        hp = self.hparams
-        bpe = self.bpe_settings()
-        if hp.path:
-            return load_tokens(text_files(hp.path), hp.unit, hp.cache_dir, bpe=bpe)
-        fetch = lambda: [fetch_corpus(hp.url, hp.sha256, hp.cache_dir, hp.file, hp.archive_sha256)]  # noqa: E731
-        return load_tokens(fetch, hp.unit, hp.cache_dir, digests=[hp.sha256], bpe=bpe)
-
-    def bpe_settings(self) -> BPESettings | None:
-        """A BPE's size and the text it is trained on: the training text, the text before the validation split
-        (before the test split for random_windows, whose training windows are drawn from the validation text too)."""
-        hp = self.hparams
-        if hp.unit != "bpe":
-            return None
-        return BPESettings(hp.vocab_size, hp.val_fraction, hp.test_fraction, hp.split == "random_windows")
-
-    def prepare_data(self) -> None:
-        if self.cache is None:
-            self.load_tokens()  # downloads and encodes once, on one process per machine
+    @property
+    def cache(self) -> TokenCache | None:
+        return self.text.cache
 
     @property
     def tokenizer(self) -> Tokenizer:
         self.setup()
-        return self._tokenizer
+        return self.text.tokenizer
+
+    @property
+    def cuts(self) -> tuple[int, int] | None:
+        """(val_cut, test_cut): the tokens where validation and test begin."""
+        return self.text.cuts
+
+    @property
+    def character_cuts(self) -> tuple[int, int] | None:
+        """The same places in characters, whatever the unit."""
+        return self.text.character_cuts
 
     @property
     def has_test_split(self) -> bool:
-        return bool(self.hparams.test_fraction)
+        return self.text.has_test_split
+
+    def prepare_data(self) -> None:
+        if self.text.cache is None:
+            self.text.load_tokens()  # downloads and encodes once, on one process per machine
 
     def setup(self, stage: str | None = None) -> None:
-        if self.cache is not None:
+        if self.train_windows is not None:
             return
-        self.cache = self.load_tokens()
-        self._tokenizer = tokenizer_for(self.cache.vocabulary, self.cache.definition)
-        self.train_windows, self.val_windows, self.test_windows = self._split(self.cache.lengths)
+        self.text.setup()
+        self.train_windows, self.val_windows, self.test_windows = self._split()
 
-    def _split(self, lengths: list[int]) -> tuple[Windows, Windows, Windows | None]:
+    def _split(self) -> tuple[Windows, Windows, Windows | None]:
         """Training, validation and test windows: the text's last `test_fraction` of characters is the test split,
         the `val_fraction` before it validation (or, split=random_windows, a random tenth of the other windows). The
         text is cut at characters whatever the unit (at the token holding each cut's first byte), so char, byte and
         BPE runs hold out the same text; a text of single-byte characters is cut where it always was."""
         hp, T = self.hparams, self.hparams.sequence_length
-        bounds = [0, *itertools.accumulate(lengths)]
-        n, characters = bounds[-1], self.cache.characters
-        self.character_cuts = character_cuts(characters, hp.val_fraction, hp.test_fraction)
-        val_cut, test_cut = (self.cache.token_at(cut, self._tokenizer.characters) for cut in self.character_cuts)
+        bounds = [0, *itertools.accumulate(self.cache.lengths)]
+        n, characters, (val_cut, test_cut) = bounds[-1], self.cache.characters, self.cuts
         test_chars, val_chars = characters - self.character_cuts[1], self.character_cuts[1] - self.character_cuts[0]
-        self.cuts = val_cut, test_cut  # the held-out texts' tokens, for whatever measures them (yardsticks)
         held_out_stride = hp.val_stride or hp.stride  # = T: every held-out character predicted once, T x cheaper
         if hp.split == "random_windows":  # the log's way: validation windows overlap training ones
             starts = Windows.spanning(bounds, 0, test_cut, T, hp.stride).all()
@@ -144,9 +135,7 @@ class ShakespeareDataModule(L.LightningDataModule):
 
     def __getstate__(self) -> dict:
         """Pickled (e.g. for ddp_spawn's processes) without its tokens: each process maps the cache itself."""
-        state = self.__dict__.copy()
-        state.update(cache=None, _tokenizer=None, train_windows=None, val_windows=None, test_windows=None)
-        return state
+        return {**self.__dict__, "train_windows": None, "val_windows": None, "test_windows": None}
 
     def _windows(self, starts: Windows, shuffle: bool) -> SlidingWindows:
         trainer = self.trainer

@@ -40,7 +40,7 @@ import torch
 import zstandard
 
 from shakespeare.data.corpus import cache_lock
-from shakespeare.data.datamodule import ShakespeareDataModule
+from shakespeare.data.text import SplitText
 from shakespeare.data.token_cache import TokenCache
 from shakespeare.errors import UsageError
 from shakespeare.tokenizer import Tokenizer
@@ -116,28 +116,27 @@ def measure(train: bytes, held_out: bytes, characters: int) -> list[Yardstick]:
     return [Yardstick(c.name, conditional_bits(c.compress, train, held_out), characters) for c in COMPRESSORS]
 
 
-def held_out_range(datamodule: ShakespeareDataModule, split: str) -> tuple[int, int, int] | None:
+def held_out_range(text: SplitText, split: str) -> tuple[int, int, int] | None:
     """(training end, held-out start, held-out end) in token positions, the training text starting at 0;
     None for the validation split of data.split=random_windows, whose windows overlap the training ones."""
-    check_split(datamodule, split)
-    return span(datamodule.hparams.split, split, datamodule.cuts, len(datamodule.cache.tokens))
+    check_split(text, split)
+    return span(text.split, split, text.cuts, len(text.cache.tokens))
 
 
-def held_out_characters(datamodule: ShakespeareDataModule, split: str) -> tuple[int, int, int] | None:
+def held_out_characters(text: SplitText, split: str) -> tuple[int, int, int] | None:
     """The same places as `held_out_range`, in characters of the text: the same for every unit."""
-    check_split(datamodule, split)
-    return span(datamodule.hparams.split, split, datamodule.character_cuts, datamodule.cache.characters)
+    check_split(text, split)
+    return span(text.split, split, text.character_cuts, text.cache.characters)
 
 
-def check_split(datamodule: ShakespeareDataModule, split: str) -> None:
-    """Refuse a split that is not held out, or a test split the run has not; sets the data module up."""
+def check_split(text: SplitText, split: str) -> None:
+    """Refuse a split that is not held out, or a test split the run has not; reads the text's tokens."""
     if split not in HELD_OUT:
         raise UsageError(f"split={split!r} is not a held-out split: yardsticks measure val or test.")
-    datamodule.setup()
-    hp = datamodule.hparams
-    if split == "test" and not datamodule.has_test_split:
+    text.setup()
+    if split == "test" and not text.has_test_split:
         raise UsageError(
-            f"This run has no test split to measure (data.test_fraction={hp.test_fraction}). Train with "
+            f"This run has no test split to measure (data.test_fraction={text.test_fraction}). Train with "
             "data.test_fraction set (e.g. 0.05, the text's last 5%) to hold one out, or measure the validation split."
         )
 
@@ -223,14 +222,14 @@ def write_record(path: Path, key: str, ranges: tuple[int, int, int], found: list
         partial.unlink(missing_ok=True)
 
 
-def yardsticks(datamodule: ShakespeareDataModule, split: str = "val") -> list[Yardstick]:
-    """Each compressor's yardstick for the data module's held-out `split` ("val" or "test"), conditioned on
+def yardsticks(text: SplitText, split: str = "val") -> list[Yardstick]:
+    """Each compressor's yardstick for the text's held-out `split` ("val" or "test"), conditioned on
     its training text: read from the record beside the token caches, or measured once and kept there. Empty
     for the validation split of data.split=random_windows, which holds no text out."""
-    ranges, tokens = held_out_characters(datamodule, split), held_out_range(datamodule, split)
+    ranges, tokens = held_out_characters(text, split), held_out_range(text, split)
     if ranges is None:
         return []
-    cache, key = datamodule.cache, datamodule.cache.text_key
+    cache, key = text.cache, text.cache.text_key
     path = record_path(cache, split, ranges)
     try:
         return read_record(path, key, ranges)
@@ -244,7 +243,7 @@ def yardsticks(datamodule: ShakespeareDataModule, split: str = "val") -> list[Ya
                 log.warning("The yardsticks record %s is %s: measuring them again.", path, reason)
         train_end, start, stop = tokens
         log.info("Measuring the %s split's yardsticks (%s) once", split, ", ".join(versions()))
-        train, held_out = (text_bytes(cache, datamodule.tokenizer, a, b) for a, b in ((0, train_end), (start, stop)))
+        train, held_out = (text_bytes(cache, text.tokenizer, a, b) for a, b in ((0, train_end), (start, stop)))
         found = measure(train, held_out, ranges[2] - ranges[1])
         write_record(path, key, ranges, found)
     return found

@@ -45,9 +45,11 @@ class NextCharacter:
 
     Per-head attention (the log's tree) is fused into one q/k/v Linear + scaled_dot_product_attention,
     Dropout modules are left out (dropout is off when sampling), and the last attention layer and all
-    after it run for the last position only. The fused twin is built on the meta device around the
-    model's own weights: nothing is copied and no random numbers are drawn. Its parts are looked up
-    once here, not at every step.
+    after it run for the last position only. The fused twin takes the model's own weights (nothing is
+    copied); its own random start, drawn on a forked generator so that the samples' random numbers stay as
+    they were, is dropped at once. (Built on the meta device instead, its embeddings' normal_ would import
+    torch._dynamo: a second and a half of every generate.py and report.) Its parts are looked up once here,
+    not at every step.
     """
 
     def __init__(self, model: ShakespeareGenerator):
@@ -55,7 +57,7 @@ class NextCharacter:
         if cfg.attention == "none":  # the bigram reads only the last character anyway
             self.model = model
             return
-        with torch.device("meta"):
+        with torch.random.fork_rng(devices=[]):
             fused = ShakespeareGenerator(
                 dataclasses.replace(cfg, fused_attention=True, dropout=0.0, attention_dropout=0.0)
             )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from shakespeare.errors import UsageError
 from shakespeare.report.runs import Run, steps_done
-from shakespeare.training.inspection import plot_loss_by_position
+from shakespeare.report.seeds import strip_seed
 
 
 def labels(runs: list[Run]) -> list[str]:
@@ -37,9 +38,35 @@ def validation_curves(runs: list[Run]) -> tuple[str, list[tuple[str, list[int], 
     return axis, points
 
 
+def plot_by_configuration(ax, curves: list[tuple[str, list, list[float]]]) -> None:
+    """One line per (label, x, y) curve: a configuration's seeds share a colour and one legend entry, so that a
+    sweep over seeds reads by configuration."""
+    seeds = Counter(strip_seed(label) for label, _, _ in curves)
+    colours: dict[str, str] = {}
+    for label, x, y in curves:
+        name = strip_seed(label)
+        first = name not in colours
+        colours.setdefault(name, f"C{len(colours) % 10}")
+        shown = (f"{name} ({seeds[name]} seeds)" if seeds[name] > 1 else label) if first else "_nolegend_"
+        ax.plot(x, y, marker="o", markersize=3, color=colours[name], label=shown)
+    if len(colours) > 1:
+        ax.legend(fontsize="small")
+
+
+def plot_loss_by_position(ax, curves: list[tuple[str, list[float]]]) -> None:
+    """Loss against the position in the window (the context a prediction sees), one line per curve."""
+    from matplotlib.ticker import MaxNLocator
+
+    plot_by_configuration(ax, [(label, list(range(1, len(values) + 1)), values) for label, values in curves])
+    ax.set(xlabel="position in the window (tokens of context)", ylabel="eval loss", title="Validation loss by position")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
 def plot_validation_curves(runs: list[Run], path: Path) -> Path:
-    """A PNG of validation loss per epoch, one line per run; beside it, when the runs logged it, the
-    validation loss by position in the window (from each run's best epoch)."""
+    """A PNG of validation loss per epoch, one line per run (a configuration's seeds in one colour, named once in
+    the legend); beside it, when the runs logged it, the validation loss by position in the window (from each
+    run's best epoch)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,14 +80,11 @@ def plot_validation_curves(runs: list[Run], path: Path) -> Path:
     else:
         fig, ax = plt.subplots(figsize=(9, 5.5))
     axis, points = validation_curves(runs)
-    for label, x, y in points:
-        ax.plot(x, y, marker="o", markersize=3, label=label)
+    plot_by_configuration(ax, points)
     title = "Validation loss by training step" if axis == "step" else "Validation loss per epoch"
     ax.set(xlabel=axis, ylabel="eval bits per character" if curve_tag(runs) == "val/bpc" else "eval loss", title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -12,7 +12,7 @@ from statistics import mean
 
 from omegaconf import OmegaConf
 
-from shakespeare.data.datamodule import ShakespeareDataModule
+from shakespeare.data.text import SplitText
 from shakespeare.data.yardsticks import yardsticks
 from shakespeare.errors import UsageError
 from shakespeare.report.runs import Run
@@ -78,8 +78,8 @@ def measure(settings: dict, run: Run) -> HeldOut:
     name = f"{Path(source).name}, the validation split"
     text = HeldOut(name=name, unit="char")
     try:
-        datamodule = ShakespeareDataModule(**settings)
-        text.compressors = {stick.compressor: stick.nats_per_char for stick in yardsticks(datamodule, "val")}
+        found = yardsticks(SplitText.of(settings), "val")
+        text.compressors = {stick.compressor: stick.nats_per_char for stick in found}
         if not text.compressors:
             text.problem = (
                 "its validation windows overlap the training ones (data.split=random_windows): no held-out text"

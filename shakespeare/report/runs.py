@@ -10,17 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from omegaconf import OmegaConf
 
 from shakespeare.errors import UsageError
-from shakespeare.run.checks import LADDER
-from shakespeare.run.folders import unescaped
-from shakespeare.run.sweep import FAILURE
-from shakespeare.training.inspection import LOSS_BY_POSITION
-from shakespeare.training.lines import ELAPSED, TOKENS_PER_SECOND, budget_seconds
+from shakespeare.run.composition import LADDER
+from shakespeare.run.folders import FAILURE, unescaped
+from shakespeare.training.tags import ATTENTION, ELAPSED, LOSS_BY_POSITION, TOKENS_PER_SECOND
 
 EVENTS = "events.out.tfevents.*"
-ATTENTION = "inspection/attention"  # the attention grid the Inspection callback logs after every validation
 
 
 @dataclass
@@ -83,8 +79,14 @@ class Run:
         """The run's time budget in seconds: trainer.max_time, or the equal-time mode's; None without one."""
         if calibration := self.calibration:
             return calibration.get("budget_seconds")
+        max_time = self.config.get("trainer", {}).get("max_time")
+        if max_time is None:
+            return None
+        # read as Lightning's Timer reads it: Lightning's import (seconds) is paid by budget runs only
+        from shakespeare.training.lines import budget_seconds
+
         try:
-            return budget_seconds(self.config.get("trainer", {}).get("max_time"))
+            return budget_seconds(max_time)
         except UsageError:
             return None
 
@@ -258,7 +260,11 @@ def load_scalars(path: Path) -> tuple[dict[str, list[tuple[int, float, float]]],
 
 
 def count_parameters(path: Path) -> int | None:
-    """Parameters in the run's last (or best) checkpoint; the research log's count if there is none."""
+    """Parameters of the run's model: the research log's count, else its last (or best) checkpoint's tensors."""
+    log = path / "research_log.md"
+    match = re.search(r"^Parameters: ([\d,]+)", log.read_text(encoding="utf-8"), re.M) if log.is_file() else None
+    if match:
+        return int(match.group(1).replace(",", ""))
     import torch
 
     for name in ("last.ckpt", "best.ckpt"):
@@ -269,9 +275,7 @@ def count_parameters(path: Path) -> int | None:
                 return sum(tensor.numel() for name, tensor in state.items() if name.startswith("model."))
             except Exception:  # a checkpoint cut short by a crash: try the next source
                 continue
-    log = path / "research_log.md"
-    match = re.search(r"^Parameters: ([\d,]+)", log.read_text(encoding="utf-8"), re.M) if log.is_file() else None
-    return int(match.group(1).replace(",", "")) if match else None
+    return None
 
 
 def read_yaml(path: Path):
@@ -310,8 +314,8 @@ def shown_overrides(hydra_dir: Path, rung: str) -> list[str]:
     overrides = [unescaped(str(o)) for o in read_yaml(hydra_dir / "overrides.yaml") or []]
     excluded: list[str] = []
     if (hydra_dir / "hydra.yaml").is_file():
-        hydra = OmegaConf.create(read_yaml(hydra_dir / "hydra.yaml"))
-        excluded = list(OmegaConf.select(hydra, "hydra.job.config.override_dirname.exclude_keys", default=[]) or [])
+        job = (read_yaml(hydra_dir / "hydra.yaml") or {}).get("hydra", {}).get("job", {})
+        excluded = list(job.get("config", {}).get("override_dirname", {}).get("exclude_keys") or [])
     return [
         o
         for o in overrides

@@ -12,7 +12,10 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from scipy import stats
+from scipy.special import (  # Student's t: its CDF and quantile (scipy.stats takes most of a second to import)
+    stdtr,
+    stdtrit,
+)
 
 from shakespeare.report.runs import Run
 
@@ -35,7 +38,7 @@ class Summary:
         if n < 2:
             return cls(n, mean, None, None, None)
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-        half = stats.t.ppf((1 + LEVEL) / 2, n - 1) * sd / math.sqrt(n)
+        half = stdtrit(n - 1, (1 + LEVEL) / 2) * sd / math.sqrt(n)
         return cls(n, mean, sd, mean - half, mean + half)
 
     def shown(self) -> str:
@@ -123,7 +126,7 @@ def gain(before: Configuration, after: Configuration, metric: str = "best") -> G
         p = (
             0.0
             if summary.sd == 0
-            else float(stats.t.sf(abs(summary.mean) / (summary.sd / math.sqrt(summary.n)), summary.n - 1) * 2)
+            else float(stdtr(summary.n - 1, -abs(summary.mean) / (summary.sd / math.sqrt(summary.n))) * 2)
         )
     return Gain(over=before.label, seeds=len(shared), summary=summary, p=p)
 

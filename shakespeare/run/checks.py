@@ -27,7 +27,7 @@ from shakespeare.model.generator import GeneratorConfig
 from shakespeare.model.memory import check_memory
 from shakespeare.ranges import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, Range, WholeOrFraction, ranges_of
 from shakespeare.run.calibration import EqualTime
-from shakespeare.run.composition import CONFIG_DIR, MODEL_BASE, nearest
+from shakespeare.run.composition import CONFIG_DIR, LADDER, MODEL_BASE, nearest
 from shakespeare.run.faults import LostRankWatch
 from shakespeare.run.folders import run_overrides
 from shakespeare.run.host import set_threads
@@ -140,25 +140,6 @@ def ladder_position(rung: str) -> int:
     defaults = OmegaConf.load(Path(CONFIG_DIR) / "model" / f"{rung}.yaml").get("defaults") or []
     extends = [entry for entry in defaults if isinstance(entry, str) and entry not in ("_self_", MODEL_BASE)]
     return 1 + ladder_position(extends[0]) if extends else 0
-
-
-# The ladder, in order: the research log's seven rungs and its scale-up, then the modern rungs. Each is a
-# model config (model=<rung>, extending the one before), an experiment (scale_up) or a rung config (muon).
-LADDER = [
-    "bigram",
-    "head",
-    "multihead",
-    "multihead_ffn",
-    "block",
-    "block_norm",
-    "block_norm_dropout",
-    "scale_up",
-    "rmsnorm",
-    "rope",
-    "relu2",
-    "qk_norm",
-    "muon",
-]
 
 
 def rung_choice(rung: str) -> tuple[str, Path]:

@@ -27,6 +27,24 @@ from shakespeare.model.generator import GeneratorConfig
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # shakespeare/run/ -> the checkout
 MODEL_BASE = "defaults"  # conf/model/'s base, which every rung extends: GeneratorConfig's defaults (the bigram's)
 
+# The ladder, in order: the research log's seven rungs and its scale-up, then the modern rungs. Each is a
+# model config (model=<rung>, extending the one before), an experiment (scale_up) or a rung config (muon).
+LADDER = [
+    "bigram",
+    "head",
+    "multihead",
+    "multihead_ffn",
+    "block",
+    "block_norm",
+    "block_norm_dropout",
+    "scale_up",
+    "rmsnorm",
+    "rope",
+    "relu2",
+    "qk_norm",
+    "muon",
+]
+
 
 def register_model_base() -> None:
     """Every model setting at its GeneratorConfig default, as the config node `model/defaults` that conf/model/'s

@@ -19,6 +19,7 @@ from shakespeare.model.loading import BEST, EXAMPLE
 RUNS = ("*/*/checkpoints", "multiruns/*/*/*/checkpoints")  # outputs/<date>/<time>_<rung>, and a sweep's jobs
 UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")  # what a shell or Hydra's override grammar reads as syntax
 LONGEST = 200  # characters of a folder name; longer ones are cut and end in a hash of the whole
+FAILURE = "failure.txt"  # in a sweep job's folder: why the job failed (the sweep goes on)
 
 
 def folder_name(text: str) -> str:

@@ -15,11 +15,10 @@ from omegaconf import DictConfig
 
 from shakespeare.errors import EXPLAINED
 from shakespeare.internals import LAUNCHER_LOGGERS
-from shakespeare.run.folders import next_steps, unescaped
+from shakespeare.run.folders import FAILURE, next_steps, unescaped
 
 log = logging.getLogger("shakespeare")
 
-FAILURE = "failure.txt"
 JOB_LINE = re.compile(r"^(\t#\d+ : )(.*)$", re.S)
 
 

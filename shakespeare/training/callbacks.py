@@ -17,7 +17,6 @@ from shakespeare.model.sampling import NewTokens, Seed, Temperature, TopK, check
 from shakespeare.ranges import AT_LEAST_0
 from shakespeare.tokenizer import printable
 from shakespeare.training.inspection import (
-    LOSS_BY_POSITION,
     attention_grid,
     attention_layers,
     attention_maps,
@@ -26,6 +25,7 @@ from shakespeare.training.inspection import (
     token_labels,
 )
 from shakespeare.training.lines import console
+from shakespeare.training.tags import ATTENTION, LOSS_BY_POSITION
 
 
 class ProgressBar(TQDMProgressBar):
@@ -143,7 +143,7 @@ class Inspection(L.Callback):
         labels = token_labels(module.tokenizer)
         grid = attention_grid(maps, [labels[i] for i in self.passage.tolist()])
         for writer in writers:
-            writer.add_image("inspection/attention", grid, global_step=trainer.global_step, dataformats="HWC")
+            writer.add_image(ATTENTION, grid, global_step=trainer.global_step, dataformats="HWC")
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:

@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 from torchmetrics import Metric
 
-LOSS_BY_POSITION = "val_loss_by_position"  # TensorBoard tags val_loss_by_position/01 ... /T
 READABLE = {" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍"}  # glyphs DejaVu Sans (matplotlib's font) has
 LEFT_LABELS = 60  # pixels at most for the labels left of an attention map: longer ones are shortened
 
@@ -187,19 +186,6 @@ def position_tags(sequence_length: int, prefix: str) -> list[str]:
     """TensorBoard tags for positions 1..T, zero-padded so they sort in order: `prefix/01` ... `prefix/08`."""
     width = len(str(sequence_length))
     return [f"{prefix}/{t:0{width}d}" for t in range(1, sequence_length + 1)]
-
-
-def plot_loss_by_position(ax, curves: list[tuple[str, list[float]]]) -> None:
-    """Loss against the position in the window (the context a prediction sees), one line per curve."""
-    from matplotlib.ticker import MaxNLocator
-
-    for label, values in curves:
-        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
-    ax.set(xlabel="position in the window (tokens of context)", ylabel="eval loss", title="Validation loss by position")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    if len(curves) > 1:
-        ax.legend(fontsize="small")
 
 
 def character_embeddings(model: nn.Module, labels: list[str]) -> tuple[torch.Tensor, list[str]]:

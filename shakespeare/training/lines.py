@@ -23,11 +23,10 @@ from omegaconf import OmegaConf
 from shakespeare.errors import UsageError
 from shakespeare.model.sampling import NewTokens, sample
 from shakespeare.tokenizer import printable
+from shakespeare.training.tags import ELAPSED, TOKENS_PER_SECOND
 
 log = logging.getLogger("shakespeare")
 
-TOKENS_PER_SECOND = "throughput/tokens_per_sec"
-ELAPSED = "time/elapsed"  # seconds of training so far, over every session of a resumed run
 STATUSES = ("running", "finished", "interrupted", "failed")
 EVALUATION = "\n## Evaluation\n"  # evaluate.py's section of research_log.md
 

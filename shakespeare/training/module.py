@@ -16,7 +16,8 @@ from shakespeare.errors import UsageError
 from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
 from shakespeare.ranges import AT_LEAST_0, FRACTION, check_arguments
 from shakespeare.tokenizer import tokenizer_for
-from shakespeare.training.inspection import LOSS_BY_POSITION, LossByPosition, position_tags
+from shakespeare.training.inspection import LossByPosition, position_tags
+from shakespeare.training.tags import LOSS_BY_POSITION
 
 BEST_VAL_LOSS = "hp/best_val_loss"  # the metric TensorBoard's HParams tab sets the hyperparameters against
 TRAIN_LOSS = "train/loss"  # the mean training loss of each line: an epoch, or the steps between validations
