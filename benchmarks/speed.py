@@ -1,6 +1,6 @@
 """CPU speed targets, each printed as a figure and a ratio against a baseline measured in the same run.
 
-    python benchmarks/speed.py                      # all targets; --only fused,framework,data,allocator,flash
+    python benchmarks/speed.py                      # all targets; --only fused,framework,data,allocator,flash,muon
     python benchmarks/speed.py --repeats 7 --threads 2
 
 Variants are interleaved (A B A B ...) and repeated; figures are medians, so a busy neighbour slows both
@@ -267,12 +267,61 @@ def target_flash(args) -> None:
         print(f"   flash {ms['flash']:7.0f} ms vs {name:8s} {ms[name]:7.0f} ms  {ratio:5.2f}x  {verdict(ratio, 2.0)}")
 
 
+def target_muon(args) -> None:
+    """Muon's step alone on the speedrun recipes' matrices (random gradients): torch.optim.Muon one matrix at a time
+    (with the same float32 iteration) against BatchedMuon, which stacks the matrices of a shape."""
+    import torch.optim._muon as torch_muon
+
+    from shakespeare.training.muon import BatchedMuon, newton_schulz
+
+    print("\n6. Muon's Newton-Schulz batched by shape vs matrix by matrix (the optimizer step alone); target > 1.0x")
+    own = torch_muon._zeropower_via_newtonschulz
+    torch_muon._zeropower_via_newtonschulz = lambda grad, *a: newton_schulz(grad[None], *a)[0]
+    try:
+        for experiment in ("cpu_speedrun", "cpu_speedrun_15min"):
+            cfg = config([f"experiment={experiment}"])
+            model = ShakespeareModule(
+                [chr(i) for i in range(65)], OmegaConf.to_container(cfg.model, resolve=True), {}
+            ).model
+            matrices = [p for name, p in model.named_parameters() if p.ndim == 2 and name.startswith("blocks")]
+            for p in matrices:
+                p.grad = torch.randn_like(p)
+
+            def stepper(optimizer):
+                def step(steps: int) -> float:
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        optimizer.step()
+                    return (time.perf_counter() - start) / steps
+
+                return step
+
+            settings = dict(lr=0.02, weight_decay=0.1)
+            ms = interleaved(
+                {
+                    "one by one": stepper(torch.optim.Muon(matrices, **settings)),
+                    "batched": stepper(BatchedMuon(matrices, **settings)),
+                },
+                args.repeats,
+                10,
+            )
+            ratio = ms["one by one"] / ms["batched"]
+            print(
+                f"   {experiment:20s} {len(matrices)} matrices: one by one {ms['one by one']:6.1f} ms  batched "
+                f"{ms['batched']:6.1f} ms  {ratio:5.2f}x  {verdict(ratio, 1.0)}",
+                flush=True,
+            )
+    finally:
+        torch_muon._zeropower_via_newtonschulz = own
+
+
 TARGETS = {
     "fused": target_fused,
     "framework": target_framework,
     "data": target_data,
     "allocator": target_allocator,
     "flash": target_flash,
+    "muon": target_muon,
 }
 
 

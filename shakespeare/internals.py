@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import lightning as L
+import torch
 import torch.distributed as dist
 import torch.optim._muon as torch_muon
 from lightning.fabric.plugins.environments import ClusterEnvironment
@@ -65,20 +65,9 @@ def set_collective_timeout(seconds: float) -> None:
     dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds))
 
 
-@contextmanager
-def newton_schulz(orthogonalise: Callable[..., Any]) -> Iterator[None]:
-    """torch.optim.Muon with `orthogonalise` in place of its own Newton-Schulz iteration, for the steps taken inside."""
-    own = torch_muon._zeropower_via_newtonschulz
-    torch_muon._zeropower_via_newtonschulz = orthogonalise
-    try:
-        yield
-    finally:
-        torch_muon._zeropower_via_newtonschulz = own
-
-
-def torch_newton_schulz() -> Callable[..., Any]:
-    """torch.optim.Muon's own orthogonalisation (bfloat16 matmuls)."""
-    return torch_muon._zeropower_via_newtonschulz
+def muon_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's learning rate for a matrix of `shape` (adjust_lr_fn: null/original or match_rms_adamw)."""
+    return torch_muon._adjust_lr(lr, adjust_lr_fn, shape)
 
 
 # Hydra: the launchers' loggers, which list each job's overrides as Hydra writes them, escapes and all
@@ -120,8 +109,8 @@ HOOKS: dict[str, Callable[[], bool]] = {
         callable(_ChildProcessObserver._run) and "_child_processes" in _ChildProcessObserver.__init__.__code__.co_names
     ),
     "torch: distributed_c10d._set_pg_timeout": lambda: callable(dist.distributed_c10d._set_pg_timeout),
-    "torch: optim._muon._zeropower_via_newtonschulz, called by Muon.step": lambda: (
-        callable(torch_newton_schulz()) and "_zeropower_via_newtonschulz" in torch_muon.__dict__
+    "torch: optim._muon._adjust_lr, Muon's learning rate for a matrix's shape": lambda: (
+        muon_lr(0.02, None, torch.Size([512, 128])) == 0.02 * 2 and muon_lr(0.02, None, torch.Size([128, 512])) == 0.02
     ),
     **{f"hydra: the logger of {name}": (lambda name=name: _logs_in(name)) for name in LAUNCHER_LOGGERS},
 }

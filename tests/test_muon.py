@@ -91,20 +91,48 @@ def test_a_muon_run_checkpoints_plain_data_and_resumes_exactly(tmp_path, corpus)
     assert len(text) == 40 and set(text) <= set(tokenizer.vocabulary)
 
 
-def test_cpu_orthogonalisation_is_torchs_iteration_in_float32():
+COEFFICIENTS = (3.4445, -4.775, 2.0315)
+
+
+def test_cpu_orthogonalisation_is_torchs_iteration_in_float32_a_stack_at_once():
     import torch.optim._muon as torch_muon
 
-    from shakespeare.training.muon import BFLOAT16_NEWTON_SCHULZ, newton_schulz
+    from shakespeare.training.muon import newton_schulz
 
-    grad = torch.randn(96, 32)
-    ours = newton_schulz(grad, (3.4445, -4.775, 2.0315), 5, 1e-7)
-    assert ours.dtype == torch.float32 and ours.shape == grad.shape
+    grads = torch.randn(3, 96, 32)
+    ours = newton_schulz(grads, COEFFICIENTS, 5, 1e-7)
+    assert ours.dtype == torch.float32 and ours.shape == grads.shape
     singular = torch.linalg.svdvals(ours)
     assert singular.min() > 0.5 and singular.max() < 1.5  # Muon's "roughly orthogonal"
-    torch.testing.assert_close(
-        ours, BFLOAT16_NEWTON_SCHULZ(grad, (3.4445, -4.775, 2.0315), 5, 1e-7).float(), atol=0.02, rtol=0
-    )
-    optimizer = MuonAdamW([("blocks.0.weight", torch.nn.Parameter(grad.clone()))])
-    optimizer.param_groups[0]["params"][0].grad = torch.randn(96, 32)
-    optimizer.step()
-    assert torch_muon._zeropower_via_newtonschulz is BFLOAT16_NEWTON_SCHULZ  # torch's own again after the step
+    for grad, one in zip(grads, ours):
+        torch.testing.assert_close(one, newton_schulz(grad[None], COEFFICIENTS, 5, 1e-7)[0])  # alone, the same
+        torch.testing.assert_close(
+            one, torch_muon._zeropower_via_newtonschulz(grad, COEFFICIENTS, 5, 1e-7).float(), atol=0.02, rtol=0
+        )
+
+
+@pytest.mark.parametrize("nesterov, adjust_lr_fn", [(True, None), (False, "match_rms_adamw")])
+def test_batched_muon_steps_as_torchs_muon_does(nesterov, adjust_lr_fn, monkeypatch):
+    """Same-shaped matrices batched, one of another shape, a tall one: each ends where torch.optim.Muon (with the
+    same float32 iteration, matrix by matrix) takes it, step after step, momentum and weight decay included."""
+    import torch.optim._muon as torch_muon
+
+    from shakespeare.training.muon import BatchedMuon, newton_schulz
+
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", lambda g, *a: newton_schulz(g[None], *a)[0])
+    shapes = [(32, 16), (32, 16), (16, 16), (64, 16), (32, 16)]
+    start = [torch.randn(shape) for shape in shapes]
+    settings = dict(lr=0.05, momentum=0.9, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    ours, theirs = [[torch.nn.Parameter(w.clone()) for w in start] for _ in range(2)]
+    batched, reference = BatchedMuon(ours, **settings), torch.optim.Muon(theirs, **settings)
+    for _ in range(3):
+        grads = [torch.randn(shape) for shape in shapes]
+        for params, optimizer in ((ours, batched), (theirs, reference)):
+            for param, grad in zip(params, grads):
+                param.grad = grad.clone()
+            optimizer.step()
+    for a, b, w in zip(ours, theirs, start):
+        assert not torch.equal(a, w)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert batched.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
+    torch.testing.assert_close(batched.state_dict()["state"][0], reference.state_dict()["state"][0])
