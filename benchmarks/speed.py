@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from shakespeare.cli.train import fit  # noqa: E402
 from shakespeare.run.composition import CONFIG_DIR  # noqa: E402
 from shakespeare.run.host import keep_freed_memory  # noqa: E402
+from shakespeare.tokenizer import PAD  # noqa: E402
 from shakespeare.training.module import ShakespeareModule  # noqa: E402
 
 RUNGS = ["multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout", "scale_up"]
@@ -281,7 +282,7 @@ def target_muon(args) -> None:
         for experiment in ("cpu_speedrun", "cpu_speedrun_15min"):
             cfg = config([f"experiment={experiment}"])
             model = ShakespeareModule(
-                [chr(i) for i in range(65)], OmegaConf.to_container(cfg.model, resolve=True), {}
+                [PAD, *(chr(i) for i in range(32, 97))], OmegaConf.to_container(cfg.model, resolve=True), {}
             ).model
             matrices = [p for name, p in model.named_parameters() if p.ndim == 2 and name.startswith("blocks")]
             for p in matrices:
