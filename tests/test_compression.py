@@ -117,6 +117,7 @@ def test_texts_round_trip_exactly_under_both_context_rules(models, rung, rule, t
     assert f"context={rule}" in compressed.summary()
 
 
+@pytest.mark.slow  # the module's checkpoints train first
 def test_a_rotary_rung_crops_on_request_and_a_learned_position_rung_cannot_slide(models, tmp_path):
     text = write_corpus(tmp_path / "t.txt", n_chars=400, seed=3).read_bytes()
     compressed, _ = round_trip(models.slide, text, tmp_path / "crop", context="crop")
@@ -125,6 +126,7 @@ def test_a_rotary_rung_crops_on_request_and_a_learned_position_rung_cannot_slide
         round_trip(models.crop, text, tmp_path / "slide", context="slide")
 
 
+@pytest.mark.slow  # the module's checkpoints train first
 def test_a_byte_model_compresses_any_file(models, tmp_path):
     rng = random.Random(0)
     data = bytes(rng.randrange(256) for _ in range(1_000)) + b"\xff\xfe\x00 not UTF-8 \xc3" + "ROMEO: é ✓\n".encode()
@@ -204,6 +206,7 @@ def decompress(models, packed: Path, output: Path, rung: str = "slide", **option
     return decompress_file(model, tokenizer, getattr(models, rung), packed, output, **options)
 
 
+@pytest.mark.slow  # the module's checkpoints train first
 def test_a_character_model_refuses_unknown_characters_and_non_utf8_up_front(models, tmp_path):
     model, tokenizer = load_generator(models.slide)
     source = tmp_path / "odd.txt"
@@ -220,6 +223,7 @@ def test_a_character_model_refuses_unknown_characters_and_non_utf8_up_front(mode
     assert sorted(path.name for path in tmp_path.iterdir()) == ["odd.txt"]
 
 
+@pytest.mark.slow  # the module's checkpoints train first
 def test_paths_are_checked_before_any_work(models, tmp_path):
     model, tokenizer = load_generator(models.slide)
     text = write_corpus(tmp_path / "a.txt", n_chars=200)
@@ -245,6 +249,7 @@ def test_paths_are_checked_before_any_work(models, tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.txt", "exists.shkz", "link.txt"]
 
 
+@pytest.mark.slow  # the module's checkpoints train first
 def test_a_cut_short_damaged_or_foreign_file_is_refused_before_decoding(models, tmp_path):
     packed, _ = compressed_file(models, tmp_path / "ok")
     data = packed.read_bytes()
@@ -307,6 +312,7 @@ def test_a_payload_altered_behind_the_checksum_fails_the_texts_sha256_and_writes
     assert output.read_bytes() == original
 
 
+@pytest.mark.slow  # the module's checkpoints train first
 def test_another_checkpoint_cannot_decompress(models, tmp_path):
     packed, _ = compressed_file(models, tmp_path)
     checkpoint = torch.load(models.slide, weights_only=True)
@@ -321,6 +327,7 @@ def test_another_checkpoint_cannot_decompress(models, tmp_path):
     assert not (tmp_path / "out.txt").exists() and not leftovers(tmp_path)
 
 
+@pytest.mark.slow  # the module's checkpoints train first
 def test_a_machine_that_rounds_differently_is_refused_by_the_fingerprint(models, tmp_path, monkeypatch):
     packed, _ = compressed_file(models, tmp_path)
     exact = coding.probabilities
@@ -334,6 +341,7 @@ def test_a_machine_that_rounds_differently_is_refused_by_the_fingerprint(models,
     assert not (tmp_path / "out.txt").exists() and not leftovers(tmp_path)
 
 
+@pytest.mark.slow  # the module's checkpoints train first
 def test_a_difference_the_probe_misses_is_caught_by_the_final_sha256(models, tmp_path, monkeypatch):
     packed, _ = compressed_file(models, tmp_path, n_chars=1_000)
     exact, calls = coding.probabilities, [0]
@@ -349,6 +357,7 @@ def test_a_difference_the_probe_misses_is_caught_by_the_final_sha256(models, tmp
     assert not (tmp_path / "out.txt").exists() and not leftovers(tmp_path)
 
 
+@pytest.mark.slow  # the module's checkpoints train first
 def test_decompression_follows_the_files_context_rule(models, tmp_path):
     packed, original = compressed_file(models, tmp_path)
     with pytest.raises(UsageError, match=r"context=crop differs from the context rule .* \(context=slide\)"):
@@ -360,6 +369,7 @@ def test_decompression_follows_the_files_context_rule(models, tmp_path):
 # ---- the command
 
 
+@pytest.mark.slow  # the module's checkpoints train first
 def test_the_command_compresses_decompresses_and_names_the_output_itself(models, tmp_path):
     text = write_corpus(tmp_path / "notes.txt", n_chars=500, seed=6)
     out = io.StringIO()
@@ -395,6 +405,7 @@ def test_the_command_compresses_decompresses_and_names_the_output_itself(models,
         (["ckpt_path=last", f"log_dir={Path('TMP') / 'no_runs'}", "input=TEXT"], r"ckpt_path=last found no run"),
     ],
 )
+@pytest.mark.slow  # the module's checkpoints train first
 def test_the_command_refuses_bad_settings_and_checkpoints(models, overrides, message, tmp_path):
     text = write_corpus(tmp_path / "notes.txt", n_chars=100)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.ckpt")

@@ -88,6 +88,7 @@ def test_auto_threads_take_the_cores_other_work_leaves_free(busy, threads, monke
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # starts a process
 def test_busy_cores_sees_another_process_spinning():
     if cpu.busy_cores(0.01) is None:
         pytest.skip("no /proc/stat on this system")

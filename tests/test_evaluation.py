@@ -124,6 +124,7 @@ def test_bad_evaluation_settings_are_named(overrides, message, run):
         evaluate_checkpoint(compose_evaluate(*overrides), io.StringIO())
 
 
+@pytest.mark.slow  # trains
 def test_a_run_without_a_test_split_or_held_out_text_says_so(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     fit(compose_train(tmp_path / "windows", [f"data.path={corpus}", *TINY, "data.split=random_windows"]))

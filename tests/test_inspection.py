@@ -132,6 +132,7 @@ def test_the_passage_starts_a_line_in_bytes_too():
     assert tokenizer.decode(held_out_passage(ids.unfold(0, 8, 1), tokenizer)) == "KING:\nO "
 
 
+@pytest.mark.slow  # trains
 def test_validation_logs_the_loss_at_each_position(tiny_cfg):
     """Every position's mean, averaged over the window, is the epoch's validation loss."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -28,6 +28,7 @@ class Recorder(L.Callback):
             self.means.append((trainer.global_step, module.train_loss_mean))
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize(
     "validation, intervals", [([], [7, 14]), (["trainer.val_check_interval=3"], [3, 6, 7, 10, 13, 14])]
 )

@@ -286,6 +286,7 @@ def test_a_configurations_seeds_share_one_colour_and_one_legend_entry():
     plt.close(fig)
 
 
+@pytest.mark.slow  # starts a process
 def test_the_report_starts_without_lightning():
     """The report reads run folders and samples checkpoints: Lightning's import (seconds) is for training."""
     script = (

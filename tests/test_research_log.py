@@ -49,6 +49,7 @@ def failing(epoch: int, error: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # trains
 def test_research_log_has_the_logs_shape(tiny_cfg):
     cfg = tiny_cfg("model=block_norm", "trainer.max_epochs=2")
     fit(cfg)
@@ -123,6 +124,7 @@ def test_hyperparameters_are_flat_resolved_and_without_noise(tiny_cfg):
     assert not [key for key in params if key.endswith(("url", "sha256", "dirpath", "default_root_dir"))]
 
 
+@pytest.mark.slow  # trains
 def test_tensorboard_events_hold_lr_throughput_and_hparams(tiny_cfg):
     cfg = tiny_cfg("trainer.max_epochs=2", "trainer.log_every_n_steps=1")
     fit(cfg)

@@ -132,16 +132,16 @@ def test_zero_new_tokens_is_empty():
 
 @pytest.mark.parametrize(
     "rung, overrides",
-    [
-        (rung, [])
-        for rung in ["bigram", "head", "multihead", "multihead_ffn", "block", "block_norm", "block_norm_dropout"]
-    ]
-    + [
-        ("block_norm_dropout", ["experiment=scale_up", "model.num_blocks=2", "model.feed_forward_size=96"]),
-        ("block_norm", ["model.fused_attention=true", "model.num_blocks=3"]),
-        ("multihead_ffn", ["model.fused_attention=true"]),
-        *[(rung, []) for rung in ["rmsnorm", "rope", "relu2", "qk_norm"]],
-        ("qk_norm", ["model.num_blocks=3", "model.feed_forward_size=64", "data.sequence_length=16"]),
+    [(rung, []) for rung in ["bigram", "head", "block_norm_dropout", "qk_norm"]]
+    + [("multihead_ffn", ["model.fused_attention=true"])]
+    + [  # the other rungs in the full suite: each composes a config
+        pytest.param(rung, overrides, marks=pytest.mark.slow)
+        for rung, overrides in [
+            *[(rung, []) for rung in ["multihead", "multihead_ffn", "block", "block_norm", "rmsnorm", "rope", "relu2"]],
+            ("block_norm_dropout", ["experiment=scale_up", "model.num_blocks=2", "model.feed_forward_size=96"]),
+            ("block_norm", ["model.fused_attention=true", "model.num_blocks=3"]),
+            ("qk_norm", ["model.num_blocks=3", "model.feed_forward_size=64", "data.sequence_length=16"]),
+        ]
     ],
 )
 def test_next_character_is_the_models_last_position_in_fewer_steps(rung, overrides, tmp_path):
@@ -160,6 +160,7 @@ def test_next_character_is_the_models_last_position_in_fewer_steps(rung, overrid
         torch.testing.assert_close(next_character(idx), model(idx)[:, -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # starts a process
 def test_building_the_fused_twin_imports_no_compiler(tmp_path):
     """The twin's random start (drawn, then dropped) must not go through torch._dynamo: built on the meta device,
     an embedding's normal_ imported it, a second and a half of every generate.py and report."""

@@ -52,6 +52,7 @@ def one_thread_each(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # host.threads: 1 unless a launcher divides the cores
 
 
+@pytest.mark.slow  # trains
 def test_the_best_validation_loss_is_returned_not_the_last(tiny_cfg, capsys):
     scripted = [
         "+callbacks.script._target_=tests.probes.ScriptedValLoss",

@@ -84,6 +84,7 @@ def test_repeated_seeds_count_once_and_other_texts_are_not_compared():
     assert "not compared: another text or split" in section
 
 
+@pytest.mark.slow  # trains
 def test_the_run_folder_and_the_research_log_show_the_seed(tiny_cfg, tmp_path):
     from omegaconf import OmegaConf
 

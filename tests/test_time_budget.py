@@ -190,6 +190,7 @@ def test_the_report_gives_each_rungs_loss_at_the_budget_and_its_gain_over_the_ru
     assert budget_table([run("bigram", [2.5], max_time=None)]) == ""
 
 
+@pytest.mark.slow  # trains
 def test_a_step_budget_ends_with_a_validation_of_its_last_step(tiny_cfg, capsys):
     cfg = tiny_cfg(
         "trainer.max_epochs=-1",

@@ -47,6 +47,7 @@ def test_training_lowers_the_loss(tiny_cfg):
     assert after["val/loss"] < before - 0.3
 
 
+@pytest.mark.slow  # trains
 def test_early_stopping_stops(tiny_cfg, capsys):
     # the best loss is epoch 1's; epochs 2 and 3 improve on it by less than min_delta, so patience 2 stops there
     losses = "+callbacks.script.losses=[3.0,2.5,2.45,2.6,2.0]"
@@ -155,6 +156,7 @@ def test_a_sweep_job_folder_pastes_unquoted_into_ckpt_path(overrides, tmp_path):
         assert compose("generate", overrides=[f"ckpt_path={folder}"]).ckpt_path == folder
 
 
+@pytest.mark.slow  # trains
 def test_on_a_terminal_the_bar_is_drawn_and_the_end_of_training_sample_still_printed(tiny_cfg, capsys, monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # capsys's stdout, as a terminal would be
     fit(
@@ -170,6 +172,7 @@ def test_on_a_terminal_the_bar_is_drawn_and_the_end_of_training_sample_still_pri
     assert "Generation:\n---------- Predict from empty input:\n" in out  # printed after the bar was closed
 
 
+@pytest.mark.slow  # trains
 def test_piped_the_bar_is_off(tiny_cfg, capsys):
     fit(tiny_cfg("model=bigram", "trainer.enable_progress_bar=true", "callbacks.progress_bar.refresh_rate=1"))
     out = capsys.readouterr().out
