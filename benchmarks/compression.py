@@ -1,5 +1,5 @@
-"""Compression speed and size: characters a second each way at the cpu_speedrun shape on one thread, what the
-coding adds to the model's own step, and an exact round trip of about 1 MB of text.
+"""Compression speed and size: characters a second each way at the cpu_speedrun_short shape (4 x 128, context
+128) on one thread, what the coding adds to the model's own step, and an exact round trip of about 1 MB of text.
 
     python benchmarks/compression.py [--ckpt RUN_OR_CKPT] [--chars 2000] [--repeats 3] [--bytes 1000000]
     python benchmarks/compression.py --bytes 0        # the speed alone
@@ -123,7 +123,7 @@ def speeds(model, ids: np.ndarray, rule: str, repeats: int) -> dict[str, list[tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", help="a run folder or checkpoint; default: an untrained model of --experiment")
-    parser.add_argument("--experiment", default="cpu_speedrun", help="the untrained model's shape")
+    parser.add_argument("--experiment", default="cpu_speedrun_short", help="the untrained model's shape")
     parser.add_argument("--chars", type=int, default=2_000, help="tokens timed in each speed run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bytes", type=int, default=1_000_000, help="the round trip's text; 0: no round trip")

@@ -279,7 +279,7 @@ def target_muon(args) -> None:
     own = torch_muon._zeropower_via_newtonschulz
     torch_muon._zeropower_via_newtonschulz = lambda grad, *a: newton_schulz(grad[None], *a)[0]
     try:
-        for experiment in ("cpu_speedrun", "cpu_speedrun_15min"):
+        for experiment in ("cpu_speedrun_short", "cpu_speedrun"):  # 128- and 192-wide matrices
             cfg = config([f"experiment={experiment}"])
             model = ShakespeareModule(
                 [PAD, *(chr(i) for i in range(32, 97))], OmegaConf.to_container(cfg.model, resolve=True), {}

@@ -5,8 +5,8 @@
     python benchmarks/speedrun.py --parts ten,fifteen,ladder                  # no baseline needed for these
 
 Parts (both sides use --threads torch threads, 2 by default; the load average is printed beside each figure):
-- ratios: nanoGPT's CPU recipe (its README's command) is timed first. Then `experiment=cpu_speedrun` runs once
-  per target with `trainer.max_time` set so that the whole command, start-up and final validation included,
+- ratios: nanoGPT's CPU recipe (its README's command) is timed first. Then `experiment=cpu_speedrun_short` runs
+  once per target with `trainer.max_time` set so that the whole command, start-up and final validation included,
   fits in the target's time (0.3x, 0.5x, 1.25x nanoGPT's): the best model that time buys on this machine. The
   start-up and wind-down are measured by a 1-second calibration run first. Figure: the time from the command
   starting to the validation loss on the whole held-out text reaching the target.
@@ -78,7 +78,7 @@ def train(args: list[str], threads: int, out: str) -> float:
 
 
 def run_ours(
-    overrides: list[str], threads: int, experiment: str = "cpu_speedrun"
+    overrides: list[str], threads: int, experiment: str = "cpu_speedrun_short"
 ) -> tuple[float, list[tuple[float, int, float]]]:
     """Wall seconds of `python train.py experiment=<experiment> ...`, and (seconds since the command started,
     step, val loss) of each validation."""
@@ -117,7 +117,7 @@ def ratios(nanogpt: Path, threads: int) -> list[str]:
     wall, _ = run_ours(["trainer.max_time={seconds:1}"], threads)
     overhead = wall - 1  # start-up before the first step, and the final validation, sample and checkpoint after it
     print(
-        f"cpu_speedrun start-up and wind-down: {overhead:.1f} s (a 1-second budget took {wall:.1f} s)  ({load()})",
+        f"cpu_speedrun_short start-up and wind-down: {overhead:.1f} s (a 1-second budget took {wall:.1f} s)  ({load()})",
         flush=True,
     )
     lines = []
@@ -133,7 +133,7 @@ def ratios(nanogpt: Path, threads: int) -> list[str]:
         reached = next((s for s, _, v in points if v <= loss), None)
         best = min(v for _, _, v in points)
         print(
-            f"cpu_speedrun trainer.max_time={budget}s: {wall:.1f} s, val loss at {curve(points)}  ({load()})",
+            f"cpu_speedrun_short trainer.max_time={budget}s: {wall:.1f} s, val loss at {curve(points)}  ({load()})",
             flush=True,
         )
         if reached is None:

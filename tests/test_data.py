@@ -5,9 +5,11 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
+import shakespeare.cli.train as cli
 from shakespeare.data import windows
 from shakespeare.data.datamodule import ShakespeareDataModule
 from shakespeare.data.windows import FeistelPermutation, SlidingWindows
@@ -265,3 +267,57 @@ def test_pickling_leaves_the_tokens_behind(corpus):
     assert len(pickle.dumps(dm)) < len(corpus.read_bytes()) and clone.cache is None
     clone.setup()
     assert torch.equal(clone.cache.tokens, dm.cache.tokens) and len(clone.train_windows) == len(dm.train_windows)
+
+
+class TrainerAt:
+    """What the context schedule reads of a trainer: whether it trains, its step and budget, and no Timer."""
+
+    def __init__(self, step: int, total_steps: int, training: bool = True):
+        self.training, self.global_step, self.estimated_stepping_batches = training, step, total_steps
+        self.callbacks = []
+
+
+def test_the_context_schedule_reads_each_window_in_short_pieces_until_its_share_of_the_budget(corpus):
+    dm = datamodule(corpus, sequence_length=16, batch_size=3, short_context=4, short_context_until=0.25)
+    x, y = next(iter(dm.train_dataloader()))
+    dm.trainer = TrainerAt(step=24, total_steps=100)  # under a quarter spent: pieces of 4
+    short_x, short_y = dm.on_after_batch_transfer((x, y), 0)
+    assert short_x.shape == short_y.shape == (12, 4)
+    assert torch.equal(short_x[4:8].flatten(), x[1]) and torch.equal(short_y[4:8].flatten(), y[1])  # in order
+    dm.trainer = TrainerAt(step=25, total_steps=100)  # a quarter spent: whole windows from here on
+    assert dm.on_after_batch_transfer((x, y), 0)[0].shape == (3, 16)
+    validating = datamodule(corpus, sequence_length=16, batch_size=3, short_context=4)
+    validating.trainer = TrainerAt(step=0, total_steps=100, training=False)
+    assert validating.on_after_batch_transfer((x, y), 0)[0].shape == (3, 16)  # validation reads whole windows
+
+
+class BatchShapes(L.Callback):
+    """The shape of each training batch's inputs as the model receives them."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.shapes.append(tuple(batch[0].shape))
+
+
+def test_a_run_reads_short_windows_for_its_share_of_the_steps_then_whole_ones(tiny_cfg, monkeypatch):
+    shapes, build = BatchShapes(), cli.build_callbacks
+    monkeypatch.setattr(cli, "build_callbacks", lambda cfg: [*build(cfg), shapes])
+    schedule = ["data.sequence_length=16", "data.batch_size=4", "data.short_context=8", "data.short_context_until=0.5"]
+    cli.fit(tiny_cfg(*schedule, "trainer.limit_train_batches=6"))
+    assert shapes.shapes == [(8, 8)] * 3 + [(4, 16)] * 3  # steps 0-2 of 6 spent under half the budget
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"short_context": 5}, r"data.short_context=5 must split data.sequence_length=16 .* \[1, 2, 4, 8\]"),
+        ({"short_context": 16}, "data.short_context=16 must split"),
+        ({"short_context": 0}, "data.short_context=0"),
+        ({"short_context": 8, "short_context_until": 0}, "data.short_context_until=0"),
+    ],
+)
+def test_a_context_schedule_that_cannot_split_the_windows_is_named(corpus, kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        ShakespeareDataModule(path=str(corpus), sequence_length=16, **kwargs)

@@ -24,6 +24,7 @@ FLOORS = {
     "errors": 0,
     "ranges": 1,
     "tokenizer": 1,
+    "budget": 1,  # the fraction of a run's budget spent: the data's context schedule and the module's scheduler
     "internals": 1,
     "model": 2,
     "data": 2,

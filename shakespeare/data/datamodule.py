@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import lightning as L
 import torch
 
+from shakespeare.budget import budget_spent, budget_timer
 from shakespeare.data.text import SplitText
 from shakespeare.data.token_cache import TokenCache
 from shakespeare.data.windows import SlidingWindows, Windows
@@ -39,6 +40,10 @@ class ShakespeareDataModule(L.LightningDataModule):
         batch_size: Annotated[int, AT_LEAST_1] = 1024,
         stride: Annotated[int, AT_LEAST_1] = 1,
         val_stride: Annotated[int, AT_LEAST_1] | None = None,
+        # the context schedule: training reads windows of short_context tokens until short_context_until of the
+        # budget is spent, then whole ones (None: whole windows throughout)
+        short_context: Annotated[int, AT_LEAST_1] | None = None,
+        short_context_until: Annotated[float, Range(0, 1, low_open=True)] = 0.5,
         split: Literal[SPLITS] = "contiguous",
         val_fraction: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.1,
         test_fraction: Annotated[float, Range(0, 1, high_open=True)] | None = None,
@@ -59,6 +64,13 @@ class ShakespeareDataModule(L.LightningDataModule):
                 f"data.val_stride={val_stride} needs data.split=contiguous: the {split} split draws its validation "
                 "windows from the training windows' grid. Drop data.val_stride or use data.split=contiguous."
             )
+        if short_context is not None and (short_context >= sequence_length or sequence_length % short_context):
+            divisors = [d for d in range(1, sequence_length) if sequence_length % d == 0]
+            raise UsageError(
+                f"data.short_context={short_context} must split data.sequence_length={sequence_length} into whole "
+                f"shorter windows: pick one of {divisors[-6:]} (e.g. data.short_context={sequence_length // 2}), "
+                "or null to train on whole windows throughout."
+            )
         if test_fraction is not None and val_fraction + test_fraction >= 1:
             raise UsageError(
                 f"data.test_fraction={test_fraction!r} leaves no text to train on beside data.val_fraction="
@@ -69,6 +81,7 @@ class ShakespeareDataModule(L.LightningDataModule):
             path, url, sha256, file, archive_sha256, unit, vocab_size, cache_dir, split, val_fraction, test_fraction
         )
         self.train_windows = self.val_windows = self.test_windows = None
+        self._total_steps: float | None = None  # the fit's step budget, once the context schedule asks
 
     @property
     def cache(self) -> TokenCache | None:
@@ -172,6 +185,25 @@ class ShakespeareDataModule(L.LightningDataModule):
                     else "without trainer=ddp."
                 )
             )
+
+    def on_after_batch_transfer(
+        self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context schedule: until `short_context_until` of the budget is spent, each training window is read
+        as sequence_length / short_context consecutive windows of short_context tokens. A step holds the same
+        tokens with cheaper attention, so most of the budget buys more steps; the rest trains on whole windows, the
+        context the model validates and generates with. Validation always reads whole windows."""
+        trainer, short = self.trainer, self.hparams.get("short_context")
+        if short is None or trainer is None or not trainer.training:
+            return batch
+        if self._total_steps is None:
+            self._total_steps = float(trainer.estimated_stepping_batches)
+        if budget_spent(trainer.global_step, self._total_steps, budget_timer(trainer.callbacks)) >= (
+            self.hparams.short_context_until
+        ):
+            return batch
+        x, y = batch  # (B, T) -> (B * T / short, short): window by window, each one's consecutive pieces
+        return x.reshape(-1, short), y.reshape(-1, short)
 
     def train_dataloader(self) -> SlidingWindows:
         return self._windows(self.train_windows, shuffle=True)

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Timer
 from torchmetrics import MeanMetric, Metric
 
+from shakespeare.budget import budget_timer, time_spent
 from shakespeare.errors import UsageError
 from shakespeare.model.generator import GeneratorConfig, ShakespeareGenerator
 from shakespeare.ranges import AT_LEAST_0, FRACTION, check_arguments
@@ -176,8 +177,7 @@ class ShakespeareModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = instantiate(self.hparams.optimizer, params=self.model.named_parameters())  # names: Muon's split
-        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)  # Lightning's, for max_time
-        budget = timer if timer is not None and timer.time_remaining() is not None else None
+        budget = budget_timer(self.trainer.callbacks)  # Lightning's Timer, for max_time
         settings = self.hparams.get("scheduler") or (TIME_BUDGET_SCHEDULE if budget else None)
         if not settings:
             return optimizer
@@ -190,15 +190,6 @@ class ShakespeareModule(L.LightningModule):
 # A time budget always ends annealed: a run with trainer.max_time and no scheduler keeps its learning rate at
 # first and decays it over the budget, to min_lr_factor x optimizer.lr when the time is up.
 TIME_BUDGET_SCHEDULE = {"warmup_steps": 0, "min_lr_factor": 0.1}
-
-
-def time_spent(timer: Timer | None) -> float:
-    """The fraction of trainer.max_time used, by Lightning's own Timer: the clock that stops the run, counting
-    validation and checkpointing as it does, and the earlier sessions of a resumed run. 0 without a budget."""
-    if timer is None:
-        return 0.0
-    elapsed, remaining = timer.time_elapsed(), timer.time_remaining()
-    return min(1.0, elapsed / max(elapsed + remaining, 1e-9))
 
 
 def scheduled_factor(step: int, total_steps: float, timer: Timer | None, settings: dict) -> float:
