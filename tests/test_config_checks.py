@@ -131,13 +131,10 @@ def test_resuming_under_another_config_names_the_differences(tiny_cfg):
     with pytest.raises(
         UsageError,
         match=r"different configuration.*model.num_heads=8 \(the checkpoint has 4\); "
-        r"data.batch_size=64 \(the checkpoint has 32\)",
+        r"data.batch_size=64 \(the checkpoint has 32\); data.short_context=4 \(the checkpoint has None\)",
     ):
-        fit(
-            tiny_cfg(
-                "model=multihead", "trainer.max_epochs=2", "model.num_heads=8", "data.batch_size=64", f"ckpt_path={run}"
-            )
-        )
+        changed = ["model.num_heads=8", "data.batch_size=64", "data.short_context=4"]
+        fit(tiny_cfg("model=multihead", "trainer.max_epochs=2", *changed, f"ckpt_path={run}"))
 
 
 @pytest.mark.slow

@@ -217,6 +217,8 @@ def instead(path: Path) -> str:
 MOVED_TARGETS = {"shakespeare.muon.MuonAdamW": "shakespeare.training.muon.MuonAdamW"}
 TRAINING_DATA_KEYS = (
     "sequence_length",
+    "short_context",  # the context schedule (keys an older checkpoint lacks are not compared)
+    "short_context_until",
     "batch_size",
     "stride",
     "split",
