@@ -289,6 +289,9 @@ def test_the_context_schedule_reads_each_window_in_short_pieces_until_its_share_
     validating = datamodule(corpus, sequence_length=16, batch_size=3, short_context=4)
     validating.trainer = TrainerAt(step=0, total_steps=100, training=False)
     assert validating.on_after_batch_transfer((x, y), 0)[0].shape == (3, 16)  # validation reads whole windows
+    dm.setup("fit")  # a second fit, with twice the budget: a fifth of it spent is under a quarter again
+    dm.trainer = TrainerAt(step=40, total_steps=200)
+    assert dm.on_after_batch_transfer((x, y), 0)[0].shape == (12, 4)
 
 
 class BatchShapes(L.Callback):

@@ -111,6 +111,8 @@ class ShakespeareDataModule(L.LightningDataModule):
             self.text.load_tokens()  # downloads and encodes once, on one process per machine
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit":
+            self._total_steps = None  # each fit's own budget, read at its first training batch
         if self.train_windows is not None:
             return
         self.text.setup()
