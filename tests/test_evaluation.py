@@ -169,6 +169,7 @@ def test_the_adaptations_defaults_are_the_commands():
     assert dict(compose_evaluate().adaptation) == asdict(Adaptation())  # one set of tuned settings
 
 
+@pytest.mark.slow  # trains runs (or reads a trained one) end to end
 def test_the_compressors_scale_shows_a_configuration_trained_with_several_seeds_once(run, tmp_path):
     import shutil
 

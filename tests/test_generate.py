@@ -62,6 +62,7 @@ def run(tmp_path_factory) -> SimpleNamespace:
     )
 
 
+@pytest.mark.slow  # trains runs (or reads a trained one) end to end
 def test_the_checkpoint_alone_rebuilds_the_model_with_weights_only_loading(run):
     checkpoint = torch.load(run.best, weights_only=True)
     assert checkpoint["hyper_parameters"]["vocabulary"] == [PAD, *run.vocabulary]

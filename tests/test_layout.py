@@ -90,6 +90,7 @@ TRAINED_WITH = [
 ]
 
 
+@pytest.mark.slow  # trains runs (or reads a trained one) end to end
 def test_a_checkpoint_written_before_the_rooms_moved_still_loads_resumes_and_generates(tmp_path):
     model, tokenizer = load_generator(FIXTURE)
     text = sample(model, tokenizer, "ROMEO:", max_new_tokens=40, generator=torch.Generator().manual_seed(0))[0]

@@ -230,7 +230,13 @@ def test_modern_rung_prints_the_tree_of_the_rung_before_with_its_one_change(rung
     assert repr(build(rung, tmp_path)) == expected_tree(rung)
 
 
-@pytest.mark.parametrize("rung", [*LOG_TREES, *MODERN_TREES])
+@pytest.mark.parametrize(
+    "rung",
+    [
+        rung if rung in ("head", "block_norm_dropout", "qk_norm") else pytest.param(rung, marks=pytest.mark.slow)
+        for rung in [*LOG_TREES, *MODERN_TREES]
+    ],  # three rungs in the fast suite, every rung in the slow one
+)
 def test_rung_is_causal(rung, tmp_path):
     """Changing a later character never changes the logits at earlier positions."""
     model = build(rung, tmp_path).eval()

@@ -103,6 +103,7 @@ def samples_by_run(report: str) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # trains runs (or reads a trained one) end to end
 def test_report_shows_each_runs_sample_from_the_same_prompt_and_seed(runs, tmp_path, capsys):
     sweep = "multiruns/2026-01-01/12-00-00/"
     assert main([str(runs), "--out", str(tmp_path), "--prompt", "KING", "--seed", "3", "--sample-length", "60"]) == 0
@@ -225,6 +226,7 @@ def test_the_logs_eval_loss_stands_only_beside_runs_at_its_settings(overrides, s
     assert (log_column != "-") == shown
 
 
+@pytest.mark.slow  # trains runs (or reads a trained one) end to end
 def test_budget_runs_show_their_budget_and_are_plotted_by_step():
     budget = Run(
         path=Path("a"),

@@ -80,6 +80,7 @@ def test_epoch_line_is_the_logs():
     assert epoch_line("0/10", 1.0, None, 2.0, best=False).endswith("Eval loss \t2.0000")  # no trailing whitespace
 
 
+@pytest.mark.slow  # trains a run end to end
 def test_a_crashed_run_keeps_a_partial_entry_marked_failed(tiny_cfg):
     cfg = tiny_cfg("trainer.max_epochs=3", *failing(1, "RuntimeError"))
     with pytest.raises(RuntimeError, match="disk on fire"):
@@ -90,6 +91,7 @@ def test_a_crashed_run_keeps_a_partial_entry_marked_failed(tiny_cfg):
     assert not list(Path(cfg.paths.output_dir).glob("*.part"))  # written atomically, nothing left behind
 
 
+@pytest.mark.slow  # trains a run end to end
 def test_ctrl_c_marks_the_entry_interrupted(tiny_cfg):
     cfg = tiny_cfg("trainer.max_epochs=3", *failing(1, "KeyboardInterrupt"))
     with pytest.raises(Interrupted):  # Lightning's graceful shutdown on Ctrl+C exits; fit says how to resume
@@ -98,6 +100,7 @@ def test_ctrl_c_marks_the_entry_interrupted(tiny_cfg):
     assert "Status: interrupted (Training interrupted by SIGINT. " in text and "Resume with: python train.py" in text
 
 
+@pytest.mark.slow  # trains a run end to end
 def test_sigterm_marks_the_entry_interrupted(tiny_cfg):
     cfg = tiny_cfg("trainer.max_epochs=3", *failing(1, "SIGTERMException"))
     with pytest.raises(Interrupted):
@@ -108,6 +111,7 @@ def test_sigterm_marks_the_entry_interrupted(tiny_cfg):
     )
 
 
+@pytest.mark.slow  # trains a run end to end
 def test_a_marked_interruption_survives_the_end_of_training(tiny_cfg):
     cfg = tiny_cfg("trainer.max_epochs=3", f"+callbacks.mark._target_={__name__}.MarkInterrupted")
     fit(cfg)

@@ -337,6 +337,7 @@ def timed_run(tokens: str, losses: list[float], bpcs: list[float]) -> Run:
     return Run(path=Path(tokens), name=tokens, config=config, scalars=scalars)
 
 
+@pytest.mark.slow  # trains runs (or reads a trained one) end to end
 def test_the_report_says_which_tokens_win_at_equal_time_in_bits_per_character():
     runs = [
         timed_run("bpe_512", [3.9, 3.5], [2.10, 1.90]),
