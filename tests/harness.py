@@ -195,15 +195,17 @@ ROTARY_RUNGS = [
     ("rope", []),
     ("qk_norm", []),
     ("qk_norm", ["model.norm=layer", "model.num_blocks=3", "model.feed_forward_size=64"]),  # cpu_speedrun's parts
+    ("qk_norm", ["model.ngrams=3"]),  # the ngram rung's embeddings: 2-grams in a row each, 3-grams hashed
 ]
 
 
 def rotary_model(rung: str, overrides: list[str], tmp_path, sequence_length: int = 8) -> ShakespeareGenerator:
     cfg = compose_train(tmp_path, [f"model={rung}", f"data.sequence_length={sequence_length}", *overrides])
     torch.manual_seed(0)
-    return ShakespeareGenerator(
-        GeneratorConfig(vocab_size=66, **OmegaConf.to_container(cfg.model, resolve=True))
-    ).eval()
+    model = ShakespeareGenerator(GeneratorConfig(vocab_size=66, **OmegaConf.to_container(cfg.model, resolve=True)))
+    for table in model.ngrams.tables if model.ngrams is not None else []:
+        torch.nn.init.normal_(table.weight)  # as if trained: they start at zero
+    return model.eval()
 
 
 def train_like_hydra(run: Path, overrides: list[str]) -> None:

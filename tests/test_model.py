@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from shakespeare.errors import UsageError
 from shakespeare.model.generator import (
     GeneratorConfig,
+    NGramEmbedding,
     ReLUSquared,
     Rotary,
     ShakespeareGenerator,
@@ -363,6 +364,60 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(tmp_path
     with torch.no_grad():
         model.blocks[0].heads.qkv.weight[:64] *= 10  # the query and key rows
     torch.testing.assert_close(model(idx), before, atol=1e-4, rtol=1e-4)
+
+
+def test_ngram_rung_adds_one_table_per_n_to_the_muon_rungs_tree(tmp_path):
+    cfg = compose_train(tmp_path, ["rung=ngram", "data.sequence_length=8"])
+    model = ShakespeareGenerator(GeneratorConfig(vocab_size=66, **OmegaConf.to_container(cfg.model, resolve=True)))
+    muon = compose_train(tmp_path, ["rung=muon", "data.sequence_length=8"])
+    plain = ShakespeareGenerator(GeneratorConfig(vocab_size=66, **OmegaConf.to_container(muon.model, resolve=True)))
+    tree = (
+        "  (embedding): Embedding(66, 32)\n"
+        "  (ngrams): NGramEmbedding(\n"
+        "    ngrams=2..3, rows=[4489, 16384]\n"
+        "    (tables): ModuleList(\n"
+        "      (0): Embedding(4489, 32)\n"
+        "      (1): Embedding(16384, 32)\n"
+        "    )\n"
+        "  )\n"
+    )
+    assert repr(model) == repr(plain).replace("  (embedding): Embedding(66, 32)\n", tree)
+    assert cfg.optimizer._target_ == muon.optimizer._target_
+    missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["ngrams.tables.0.weight", "ngrams.tables.1.weight"]
+    idx = torch.randint(1, 66, (2, 8))
+    torch.testing.assert_close(model.eval()(idx), plain.eval()(idx))  # the tables start at zero: the muon rung
+
+
+@torch.no_grad()
+def test_an_ngram_embedding_reads_the_n_characters_ending_at_its_position_and_no_others():
+    ngrams = NGramEmbedding(vocab_size=66, embedding_size=4, ngrams=3, buckets=16384)
+    for table in ngrams.tables:
+        torch.nn.init.normal_(table.weight)
+    idx = torch.randint(1, 66, (3, 12))
+    changed = idx.clone()
+    changed[:, 5] = idx[:, 5] % 65 + 1  # another character at position 5
+    moved = (ngrams(idx) != ngrams(changed)).any(dim=-1).any(dim=0)  # (T,)
+    assert moved.nonzero().flatten().tolist() == [5, 6, 7]  # the 1-, 2- and 3-grams that hold it
+    at_the_start = ngrams(idx[:, :3])  # before the window's start: no character, not position T - 1's
+    torch.testing.assert_close(at_the_start, ngrams(idx)[:, :3])
+
+
+def test_ngrams_have_a_row_each_where_they_fit_and_spread_over_the_rows_where_they_do_not():
+    exact = NGramEmbedding(vocab_size=5, embedding_size=1, ngrams=2, buckets=1000)
+    with torch.no_grad():
+        exact.tables[0].weight[:, 0] = torch.arange(exact.rows[0], dtype=torch.float)
+    pairs = torch.cartesian_prod(torch.arange(5), torch.arange(5))  # every 2-gram, and every first character
+    rows = torch.cat([exact(pairs)[:, 1, 0], exact(pairs)[:, 0, 0]]).unique()
+    assert exact.rows == [36] and len(rows) == 25 + 5  # 25 2-grams and 5 "window starts with c": one row each
+
+    hashed = NGramEmbedding(vocab_size=66, embedding_size=1, ngrams=3, buckets=1024)
+    with torch.no_grad():
+        hashed.tables[1].weight[:, 0] = torch.arange(1024, dtype=torch.float)
+    triples = torch.randint(1, 66, (4096, 3))
+    used = hashed(triples)[:, 2, 0].unique().numel()
+    expected = 1024 * (1 - (1 - 1 / 1024) ** len(triples.unique(dim=0)))  # rows a random hash would use
+    assert hashed.rows == [1024, 1024] and used > 0.95 * expected
 
 
 def test_relu2_is_relu_squared():

@@ -140,7 +140,7 @@ def test_time_spent_counts_in_the_cosine_once_past_the_warm_up():
     assert warmup_cosine(20, 30, 10, 0.0, time_spent=1.0) == pytest.approx(0.0)  # time further along than steps
 
 
-LADDER_RUNGS = ["block_norm_dropout", "rmsnorm", "rope", "relu2", "qk_norm", "muon"]
+LADDER_RUNGS = ["block_norm_dropout", "rmsnorm", "rope", "relu2", "qk_norm", "muon", "ngram"]
 
 
 @pytest.mark.slow
@@ -149,11 +149,12 @@ def test_the_modern_ladder_sweeps_every_rung_from_block_norm_dropout_up_for_one_
     assert sweep["rung"].split(",") == LADDER_RUNGS
     jobs = {rung: compose_train(tmp_path, ["experiment=modern_ladder", f"rung={rung}"]) for rung in LADDER_RUNGS}
     assert [cfg.model.name for cfg in jobs.values()] == LADDER_RUNGS
-    assert [cfg.optimizer._target_.rsplit(".", 1)[-1] for cfg in jobs.values()] == ["AdamW"] * 5 + ["MuonAdamW"]
-    assert jobs["muon"].model.keys() == jobs["qk_norm"].model.keys()
+    assert [cfg.optimizer._target_.rsplit(".", 1)[-1] for cfg in jobs.values()] == ["AdamW"] * 5 + ["MuonAdamW"] * 2
+    assert jobs["muon"].model.keys() == jobs["qk_norm"].model.keys() == jobs["ngram"].model.keys()
     assert {k: v for k, v in jobs["muon"].model.items() if k != "name"} == {
         k: v for k, v in jobs["qk_norm"].model.items() if k != "name"
     }
+    assert {k for k, v in jobs["ngram"].model.items() if jobs["muon"].model[k] != v} == {"name", "ngrams"}
     assert {OmegaConf.select(cfg, "equal_time.budget") for cfg in jobs.values()} == {"00:00:02:00"}  # equal time
     for key in (
         "trainer.max_time",

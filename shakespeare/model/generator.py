@@ -65,6 +65,9 @@ class GeneratorConfig:
         "gelu"  # the feed-forward's: gelu (the log's); relu2: relu(x)² (model=relu2)
     )
     qk_norm: bool = False  # normalise each head's queries and keys (with `norm`) before the rotation (model=qk_norm)
+    # each position adds an embedding of the 2, 3, ..., ngrams characters ending there (1: none; model=ngram)
+    ngrams: Annotated[int, AT_LEAST_1] = 1
+    ngram_buckets: Annotated[int, AT_LEAST_1] = 16384  # rows of each n-gram table: more n-grams share a row (hashed)
     compile: bool = False  # torch.compile the model (the first steps pay for compiling); ShakespeareModule applies it
 
     def __post_init__(self) -> None:
@@ -131,6 +134,8 @@ class GeneratorConfig:
             "position": attention,
             "activation": blocks or (attention and self.feed_forward),
             "qk_norm": blocks,
+            "ngrams": attention,
+            "ngram_buckets": attention and self.ngrams > 1,
         }
         return {key for key, read in reads.items() if not read}
 
@@ -353,6 +358,42 @@ class Block(nn.Module):
         return x
 
 
+class NGramEmbedding(nn.Module):
+    """The embeddings of the n-grams ending at each position (n = 2 .. ngrams), one table per n, summed: what the
+    characters just before say, handed to the first block rather than gathered by attention (the hash n-gram
+    embeddings of the Byte Latent Transformer). A table has a row per n-gram where they all fit in `buckets`
+    rows, else n-grams share rows by a hash. Tables start at zero, so the model starts as its rung without them.
+    Positions before the window's start read as `vocab_size` (no character): the model sees its window only.
+    idx (B, T) may hold `vocab_size` too (the sliding window's characters before the first)."""
+
+    def __init__(self, vocab_size: int, embedding_size: int, ngrams: int, buckets: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.rows = [min(buckets, (vocab_size + 1) ** n) for n in range(2, ngrams + 1)]
+        self.tables = nn.ModuleList(nn.Embedding(rows, embedding_size) for rows in self.rows)
+        for table in self.tables:
+            nn.init.zeros_(table.weight)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) -> (B, T, C)."""
+        T, V = idx.shape[1], self.vocab_size
+        key, x = idx.long(), 0.0
+        for n, (rows, table) in enumerate(zip(self.rows, self.tables), start=2):
+            key = key * (V + 1) + F.pad(idx.long(), (n - 1, 0), value=V)[:, :T]  # a digit per character: exact
+            x = x + table(key if rows == (V + 1) ** n else hashed(key) % rows)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"ngrams=2..{len(self.tables) + 1}, rows={self.rows}"
+
+
+def hashed(key: torch.Tensor) -> torch.Tensor:
+    """Spreads the n-gram numbers over int64 (multiply by an odd constant, wrapping; fold the high bits in), so
+    the rows they share are a pseudo-random choice rather than ones a modulus lines up."""
+    key = key * 0x9E3779B97F4A7C1
+    return key ^ (key >> 29)
+
+
 def no_positional_embedding(positions: torch.Tensor) -> float:
     """Rotary rungs add nothing to the input: their attention rotates queries and keys by position instead."""
     return 0.0
@@ -369,6 +410,7 @@ class ShakespeareGenerator(nn.Module):
             self.embedding = nn.Embedding(V, V, padding_idx=0)
             return
         self.embedding = nn.Embedding(V, C)
+        self.ngrams = NGramEmbedding(V, C, cfg.ngrams, cfg.ngram_buckets) if cfg.ngrams > 1 else None
         self.positional_embedding = nn.Embedding(T, C) if cfg.position == "learned" else no_positional_embedding
         if cfg.residual:
             norm = [NORMS[cfg.norm](C)] if cfg.layer_norm else []
@@ -387,6 +429,8 @@ class ShakespeareGenerator(nn.Module):
             return self.embedding(idx)
         T = idx.shape[1]
         x = self.embedding(idx) + self.positional_embedding(torch.arange(T, device=idx.device))  # (B, T, C)
+        if self.ngrams is not None:
+            x = x + self.ngrams(idx)
         if self.cfg.residual:
             x = self.blocks(x)
         else:

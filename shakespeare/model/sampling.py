@@ -67,7 +67,7 @@ class NextCharacter:
             module, _, buffer = name.rpartition(".")
             setattr(fused.get_submodule(module), buffer, model.get_buffer(name))
         self.model = fused.eval()
-        self.embedding, self.linear = fused.embedding, fused.linear
+        self.embedding, self.linear, self.ngrams = fused.embedding, fused.linear, fused.ngrams
         self.positions = fused.positional_embedding.weight if cfg.position == "learned" else None  # rope: in attention
         self.final_norm = self.norm1 = self.norm2 = None
         if cfg.residual:
@@ -93,6 +93,8 @@ class NextCharacter:
         B, T = idx.shape
         C, H = self.cfg.embedding_size, self.num_heads
         x = self.embedding(idx)  # (B, T, C)
+        if self.ngrams is not None:
+            x = x + self.ngrams(idx)
         if self.positions is not None:
             x = x + self.positions[:T]
         for block in self.body:

@@ -114,6 +114,10 @@ class SlidingWindow:
         self.rotary = blocks[0].heads.rotary  # every block's turns are the same
         self.turns = self.rotary.turns  # (T, hs/2), doubled as the window slides past it
         self.embedding, self.linear = model.embedding.weight, unwrapped(model.linear, num_streams)
+        self.ngrams = model.ngrams  # None, or the n-gram embeddings added to each character's
+        if self.ngrams is not None:  # (B, n): the last n characters read, "none" (vocab_size) before the first
+            n, device = len(self.ngrams.tables) + 1, model.linear.weight.device
+            self.recent = torch.full((num_streams, n), cfg.vocab_size, dtype=torch.long, device=device)
         self.final_norm = unwrapped(None if isinstance(model.blocks[-1], Block) else model.blocks[-1])
         self.T, self.num_heads = cfg.sequence_length, cfg.num_heads
         self.scales = torch.tensor([self.rotary.head_size**-0.5, 1.0], device=model.linear.weight.device).view(2, 1, 1)
@@ -132,6 +136,9 @@ class SlidingWindow:
             self.turns = self.rotary.turns_at(torch.arange(2 * position, device=self.turns.device))
         turns = self.turns[position] * self.scales  # (2, 1, hs/2): the query's turn, scaled, and the key's
         x = F.embedding(idx, self.embedding)  # (B, C); rotary rungs add no position embedding
+        if self.ngrams is not None:  # the n-grams this character ends, from the last characters each stream read
+            self.recent = torch.cat([self.recent[:, 1:], idx[:, None]], dim=1)
+            x += self.ngrams(self.recent)[:, -1]
         B, C = x.shape
         BH = B * self.num_heads
         for block in self.blocks:

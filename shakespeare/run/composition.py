@@ -28,7 +28,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # shakespeare/ru
 MODEL_BASE = "defaults"  # conf/model/'s base, which every rung extends: GeneratorConfig's defaults (the bigram's)
 
 # The ladder, in order: the research log's seven rungs and its scale-up, then the modern rungs. Each is a
-# model config (model=<rung>, extending the one before), an experiment (scale_up) or a rung config (muon).
+# model config (model=<rung>, extending the one before), an experiment (scale_up) or a rung config (muon, ngram).
 LADDER = [
     "bigram",
     "head",
@@ -43,6 +43,7 @@ LADDER = [
     "relu2",
     "qk_norm",
     "muon",
+    "ngram",
 ]
 
 
