@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -189,6 +190,13 @@ def tensorboard(logdir: Path, ready_tag: str = "val/loss"):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def fast_first(cases: list, keep: int = 1) -> list:
+    """Parametrize cases: the first `keep` run in the fast suite, the rest in the full one only (marked slow), so the
+    fast suite checks the behaviour once and CI on every case. A case is its arguments (a tuple, or one value)."""
+    slow = [pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.slow) for c in cases[keep:]]
+    return [*cases[:keep], *slow]
 
 
 ROTARY_RUNGS = [

@@ -88,6 +88,7 @@ def test_bad_equal_time_settings_are_named(overrides, message, tiny_cfg):
         fit(tiny_cfg(*overrides))
 
 
+@pytest.mark.slow  # trains a few steps
 def test_a_budget_too_short_for_one_step_is_refused(step_times, tiny_cfg):
     step_times.update(reference=10.0, run=20.0)
     with pytest.raises(UsageError, match=r"equal_time.budget=00:00:00:04 buys no step of this rung"):

@@ -17,7 +17,7 @@ from shakespeare.errors import UsageError
 from shakespeare.run.checks import check_config
 from shakespeare.run.composition import explain
 from shakespeare.run.folders import discard_refused_run
-from tests.harness import ROOT, compose_train, run_train, write_corpus
+from tests.harness import ROOT, compose_train, fast_first, run_train, write_corpus
 
 
 @pytest.mark.parametrize(
@@ -87,21 +87,24 @@ def test_bad_config_values_are_named_before_training(overrides, message, tiny_cf
 
 @pytest.mark.parametrize(
     "override, message",
-    [
-        ("model=transformer", r"^model=transformer is not an option of model: choose one of bigram, .*, rope\.$"),
-        ("model=multihed", r"^model=multihed is not an option of model: .* Did you mean model=multihead\?$"),
-        (
-            "model.num_head=8",
-            r"^model.num_head is not a setting of train.py. Did you mean model.num_heads\? .*--cfg job",
-        ),
-        ("modle=bigram", r"^modle is not a setting of train.py. Did you mean model\?"),
-        ("trainer.threads=2", r"^trainer.threads is now host.threads: write host.threads=... instead"),
-        (
-            "callbacks=early_stopping",
-            r"^callbacks=early_stopping is not an option of callbacks: choose one of default.",
-        ),
-        ("seed=1=2", r"^'seed=1=2' is not an override train.py can read \(mismatched input '='"),
-    ],
+    fast_first(
+        [
+            ("model=transformer", r"^model=transformer is not an option of model: choose one of bigram, .*, rope\.$"),
+            ("model=multihed", r"^model=multihed is not an option of model: .* Did you mean model=multihead\?$"),
+            (
+                "model.num_head=8",
+                r"^model.num_head is not a setting of train.py. Did you mean model.num_heads\? .*--cfg job",
+            ),
+            ("modle=bigram", r"^modle is not a setting of train.py. Did you mean model\?"),
+            ("trainer.threads=2", r"^trainer.threads is now host.threads: write host.threads=... instead"),
+            (
+                "callbacks=early_stopping",
+                r"^callbacks=early_stopping is not an option of callbacks: choose one of default.",
+            ),
+            ("seed=1=2", r"^'seed=1=2' is not an override train.py can read \(mismatched input '='"),
+        ],
+        keep=3,
+    ),
 )
 def test_what_hydra_cannot_compose_is_one_paragraph_with_the_fix(override, message, tmp_path):
     with pytest.raises((ConfigCompositionException, OverrideParseException)) as err:
@@ -197,26 +200,29 @@ def test_the_default_rung_has_heads_and_the_bigram_is_one_override_away(tmp_path
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [
-        (
-            ["model=bigram", "model.num_heads=8"],
-            r"model.num_heads=8 does nothing on the bigram rung: .* The rungs that "
-            r"read it: multihead, multihead_ffn, block, block_norm, block_norm_dropout, rmsnorm, rope, relu2, qk_norm. Pick "
-            r"one of them \(e.g. model=qk_norm model.num_heads=8\) or drop model.num_heads.",
-        ),
-        (
-            ["model=head", "model.num_blocks=2"],
-            r"model.num_blocks=2 does nothing on the head rung: .* read it: block, ",
-        ),
-        (
-            ["model=multihead_ffn", "model.layer_norm=true"],
-            r"model.layer_norm=True does nothing on the multihead_ffn rung",
-        ),
-        (
-            ["model=bigram", "model.dropout=0.1"],
-            r"model.dropout=0.1 does nothing on the bigram rung: .* read it: head, ",
-        ),
-    ],
+    fast_first(
+        [
+            (
+                ["model=bigram", "model.num_heads=8"],
+                r"model.num_heads=8 does nothing on the bigram rung: .* The rungs that "
+                r"read it: multihead, multihead_ffn, block, block_norm, block_norm_dropout, rmsnorm, rope, relu2, qk_norm. Pick "
+                r"one of them \(e.g. model=qk_norm model.num_heads=8\) or drop model.num_heads.",
+            ),
+            (
+                ["model=head", "model.num_blocks=2"],
+                r"model.num_blocks=2 does nothing on the head rung: .* read it: block, ",
+            ),
+            (
+                ["model=multihead_ffn", "model.layer_norm=true"],
+                r"model.layer_norm=True does nothing on the multihead_ffn rung",
+            ),
+            (
+                ["model=bigram", "model.dropout=0.1"],
+                r"model.dropout=0.1 does nothing on the bigram rung: .* read it: head, ",
+            ),
+        ],
+        keep=2,
+    ),
 )
 def test_a_setting_the_rung_never_reads_is_refused_naming_the_rungs_that_do(overrides, message, tiny_cfg):
     with pytest.raises(UsageError, match=message):

@@ -14,7 +14,7 @@ from shakespeare.cli.train import fit
 from shakespeare.errors import UsageError
 from shakespeare.run import host as cpu
 from shakespeare.run.host import keep_freed_memory, set_threads
-from tests.harness import compose_train
+from tests.harness import compose_train, fast_first
 
 
 def test_trainer_threads_reaches_torch(tiny_cfg):
@@ -39,7 +39,7 @@ def test_training_flushes_denormal_floats_to_zero(tiny_cfg):
         torch.set_flush_denormal(False)
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5, "two", True])
+@pytest.mark.parametrize("value", fast_first([0, "two", -1, 1.5, True], keep=2))
 def test_bad_thread_counts_are_named(value, tiny_cfg):
     with pytest.raises(UsageError, match=r"^host.threads=.* (must be|is refused)"):
         fit(tiny_cfg(f"host.threads={value}"))

@@ -64,12 +64,14 @@ def test_the_best_validation_loss_is_returned_not_the_last(tiny_cfg, capsys):
     assert metrics["val/loss_best"] == pytest.approx(2.0) and metrics["val/loss"] == pytest.approx(2.75)
 
 
+@pytest.mark.slow  # composes a sweep
 def test_threads_follow_omp_num_threads_which_joblib_divides_between_jobs(tmp_path, monkeypatch):
     assert compose_train(tmp_path).host.threads == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert compose_train(tmp_path).host.threads == 3
 
 
+@pytest.mark.slow  # composes a sweep
 def test_ddp_in_a_sweep_is_refused_with_the_fix(tiny_cfg):
     cfg = tiny_cfg("trainer=ddp", "trainer.devices=2", "hydra.mode=MULTIRUN")
     with pytest.raises(

@@ -41,7 +41,7 @@ from shakespeare.tokenizer import (
 )
 from shakespeare.training.inspection import LEFT_LABELS, attention_grid, bytes_label, token_labels
 from shakespeare.training.module import ShakespeareModule
-from tests.harness import compose_generate, compose_train, write_corpus
+from tests.harness import compose_generate, compose_train, fast_first, write_corpus
 from tests.test_evaluation import compose_evaluate
 
 ACCENTED = "KING HENRY:\nŒuvre naïve, ☃ déjà vu — señor! I'll go.\n\nJULIET:\nΩ thou art fair, ümlaut and ß.\n\n"
@@ -223,15 +223,21 @@ def test_an_ascii_text_is_cut_where_it_always_was(corpus):
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [
-        (
-            ["data.unit=bpe", "data.vocab_size=256"],
-            r"data.vocab_size=256 must be a whole number of at least 257 \(the 256 byte values and <\|pad\|>",
-        ),
-        (["data.vocab_size=512"], r"data.vocab_size=512 sizes a BPE vocabulary, but data.unit=char.* data.unit=bpe"),
-        (["data.unit=byte", "data.vocab_size=512"], r"but data.unit=byte, whose vocabulary is the text's 256 byte"),
-        (["data.unit=bpe"], r"data.unit=bpe needs data.vocab_size, .* at least 257 .* e.g. data.vocab_size=512"),
-    ],
+    fast_first(
+        [
+            (
+                ["data.unit=bpe", "data.vocab_size=256"],
+                r"data.vocab_size=256 must be a whole number of at least 257 \(the 256 byte values and <\|pad\|>",
+            ),
+            (
+                ["data.vocab_size=512"],
+                r"data.vocab_size=512 sizes a BPE vocabulary, but data.unit=char.* data.unit=bpe",
+            ),
+            (["data.unit=byte", "data.vocab_size=512"], r"but data.unit=byte, whose vocabulary is the text's 256 byte"),
+            (["data.unit=bpe"], r"data.unit=bpe needs data.vocab_size, .* at least 257 .* e.g. data.vocab_size=512"),
+        ],
+        keep=2,
+    ),
 )
 def test_a_vocabulary_size_that_means_nothing_is_refused(tiny_cfg, overrides, message):
     with pytest.raises(UsageError, match=message):
