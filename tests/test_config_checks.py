@@ -209,6 +209,11 @@ def test_the_default_rung_has_heads_and_the_bigram_is_one_override_away(tmp_path
                 r"one of them \(e.g. model=qk_norm model.num_heads=8\) or drop model.num_heads.",
             ),
             (
+                ["model=qk_norm", "model.ngram_buckets=4096"],
+                r"model.ngram_buckets=4096 does nothing on the qk_norm rung: only a model with the part that "
+                r"model.ngrams=2 or more \(rung=ngram\) switches on reads ngram_buckets",
+            ),
+            (
                 ["model=head", "model.num_blocks=2"],
                 r"model.num_blocks=2 does nothing on the head rung: .* read it: block, ",
             ),
@@ -235,6 +240,7 @@ def test_a_setting_the_rung_never_reads_is_refused_naming_the_rungs_that_do(over
         ["model=block_norm", "model.dropout=0.1"],  # switches dropout on: the next rung
         ["model=bigram", "model.attention=multihead", "model.num_heads=2"],  # a bigram made multi-head reads its heads
         ["model=multihead", "model.num_heads=8"],
+        ["rung=ngram", "model.ngram_buckets=4096"],  # the ngram rung's tables read it
     ],
 )
 def test_settings_that_change_the_rung_or_that_it_reads_are_accepted(overrides, tiny_cfg):

@@ -140,6 +140,10 @@ class GeneratorConfig:
         return {key for key, read in reads.items() if not read}
 
 
+# Settings no rung of conf/model/ reads, because another setting must switch their part on first: what does.
+SWITCHED_ON_BY = {"ngram_buckets": "model.ngrams=2 or more (rung=ngram)"}
+
+
 def maybe_dropout(p: float) -> nn.Dropout | None:
     """Rungs without dropout have no Dropout module at all, so their printed tree matches the log."""
     return nn.Dropout(p) if p > 0 else None

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from shakespeare.data.datamodule import ShakespeareDataModule
 from shakespeare.errors import UsageError
-from shakespeare.model.generator import GeneratorConfig
+from shakespeare.model.generator import SWITCHED_ON_BY, GeneratorConfig
 from shakespeare.model.memory import check_memory
 from shakespeare.ranges import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, Range, WholeOrFraction, ranges_of
 from shakespeare.run.calibration import EqualTime
@@ -184,6 +184,11 @@ def check_rung_settings(model: DictConfig, overrides: list[str]) -> None:
     for key in (override.split("=", 1)[0].lstrip("+~") for override in overrides):
         if key.startswith("model.") and (name := key.removeprefix("model.")) in unused:
             readers = [rung for rung, rung_model in rungs().items() if name not in rung_model.unused()]
+            if not readers:
+                raise UsageError(
+                    f"{key}={settings[name]!r} does nothing on the {settings['name']} rung: only a model with the part "
+                    f"that {SWITCHED_ON_BY[name]} switches on reads {name}. Add that setting, or drop {key}."
+                )
             raise UsageError(
                 f"{key}={settings[name]!r} does nothing on the {settings['name']} rung: its model has no part that "
                 f"reads {name}, so this run would train the same model as without it. The rungs that read it: "
