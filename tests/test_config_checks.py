@@ -240,7 +240,7 @@ def test_a_setting_the_rung_never_reads_is_refused_naming_the_rungs_that_do(over
         ["model=block_norm", "model.dropout=0.1"],  # switches dropout on: the next rung
         ["model=bigram", "model.attention=multihead", "model.num_heads=2"],  # a bigram made multi-head reads its heads
         ["model=multihead", "model.num_heads=8"],
-        ["rung=ngram", "model.ngram_buckets=4096"],  # the ngram rung's tables read it
+        ["model=qk_norm", "model.ngrams=3", "model.ngram_buckets=4096"],  # n-gram tables read it
     ],
 )
 def test_settings_that_change_the_rung_or_that_it_reads_are_accepted(overrides, tiny_cfg):
