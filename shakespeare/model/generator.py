@@ -9,8 +9,8 @@ says what the rung is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Literal
+from dataclasses import MISSING, dataclass, fields
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn as nn
@@ -111,6 +111,12 @@ class GeneratorConfig:
                 f"model.qk_norm=true normalises queries and keys before their rotation: it needs "
                 f"model.position=rope (got {self.position!r}), e.g. model=qk_norm."
             )
+
+    @staticmethod
+    def defaults() -> dict[str, Any]:
+        """Every setting that has a default, at it: the bigram's model, and what a model saved before a setting
+        existed had (it was built without that setting's part)."""
+        return {f.name: f.default for f in fields(GeneratorConfig) if f.default is not MISSING}
 
     def unused(self) -> set[str]:
         """The settings this model never reads, because it lacks the part that would (num_heads on the bigram).

@@ -17,6 +17,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from shakespeare.errors import Fault, UsageError
+from shakespeare.model.generator import GeneratorConfig
 from shakespeare.model.loading import Unreadable, load_verified
 from shakespeare.run.folders import newest_run, unescaped
 from shakespeare.tokenizer import Tokenizer
@@ -256,7 +257,7 @@ def check_resumable(checkpoint: dict[str, Any], path: Path, cfg: DictConfig, tok
         optimizer["_target_"] = MOVED_TARGETS[optimizer["_target_"]]
     wanted_data = as_dict(cfg.data)
     changed = [
-        *differences(hparams.get("model", {}), as_dict(cfg.model), "model"),
+        *differences({**GeneratorConfig.defaults(), **hparams.get("model", {})}, as_dict(cfg.model), "model"),
         *differences(optimizer, as_dict(cfg.optimizer), "optimizer"),
         *differences(hparams.get("scheduler") or {}, as_dict(cfg.get("scheduler")), "scheduler"),
         *differences(

@@ -12,7 +12,6 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import MISSING, fields
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -50,7 +49,7 @@ LADDER = [
 def register_model_base() -> None:
     """Every model setting at its GeneratorConfig default, as the config node `model/defaults` that conf/model/'s
     rungs extend, so each rung's file names only what it changes and the defaults live in one place."""
-    settings = {f.name: f.default for f in fields(GeneratorConfig) if f.default is not MISSING}
+    settings = GeneratorConfig.defaults()
     ConfigStore.instance().store(
         group="model", name=MODEL_BASE, node={**settings, "sequence_length": "${data.sequence_length}"}
     )
