@@ -139,6 +139,14 @@ def test_a_step_too_big_for_memory_is_refused_with_the_estimate_and_the_batch_th
     assert step_memory(model, 1024).total < step_memory(model, 2048).total  # it grows with the batch
 
 
+def test_a_model_whose_ngram_tables_cannot_fit_is_refused_naming_the_tables_settings():
+    model = dataclasses.replace(rungs()["qk_norm"], vocab_size=66, sequence_length=8, ngrams=5, ngram_buckets=10**9)
+    with pytest.raises(UsageError, match=r"The model alone does not fit: lower model.ngram_buckets, model.ngrams, "):
+        check_memory(model, batch_size=1)  # five tables of up to 10^9 rows: terabytes of parameters
+    with pytest.raises(UsageError, match=r"alone does not fit: lower model.embedding_size, model.num_blocks or "):
+        check_memory(dataclasses.replace(model, ngrams=1, embedding_size=300_000), batch_size=1)  # no tables: not named
+
+
 def test_every_rung_has_an_estimate():
     for name, rung in rungs().items():
         memory = step_memory(dataclasses.replace(rung, vocab_size=66, sequence_length=8), batch_size=64)

@@ -88,6 +88,13 @@ def available_memory(accelerator: str) -> tuple[int, str] | None:
     return (min(free), "available in RAM") if free else None
 
 
+def model_sizes(model: GeneratorConfig) -> str:
+    """The settings that size the model's parameters, the n-gram tables' first where it has them (they can dwarf
+    the rest)."""
+    ngrams = ["model.ngram_buckets", "model.ngrams"] if model.ngrams > 1 else []
+    return ", ".join([*ngrams, "model.embedding_size", "model.num_blocks"]) + " or model.feed_forward_size"
+
+
 def check_memory(
     model: GeneratorConfig, batch_size: int, processes: int = 1, accelerator: str = "cpu", asked: int | None = None
 ) -> StepMemory:
@@ -110,7 +117,7 @@ def check_memory(
         f"Lower data.batch_size to at most {fits:,} (memory grows with it), or data.sequence_length, "
         "model.embedding_size or model.num_blocks."
         if fits >= 1
-        else "The model alone does not fit: lower model.embedding_size, model.num_blocks or model.feed_forward_size."
+        else f"The model alone does not fit: lower {model_sizes(model)}."
     )
     batch = (
         f"data.batch_size={batch_size:,}"
